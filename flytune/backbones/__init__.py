@@ -1,0 +1,48 @@
+"""Adapters that expose pretrained potentials through one torch interface.
+
+>>> backbone = load_backbone("7net-0")              # SevenNet-0, bundled in sevenn
+>>> backbone = load_backbone("mace-mp-medium.model") # a MACE model file
+"""
+
+from __future__ import annotations
+
+import os
+
+from flytune.backbones.base import Backbone, BackboneOutput, Graph, GraphBatch
+from flytune.errors import FlytuneError
+
+__all__ = ["Backbone", "BackboneOutput", "Graph", "GraphBatch", "load_backbone", "backbone_family"]
+
+
+def _looks_like_sevennet(spec: str) -> bool:
+    from flytune.backbones.sevennet import BUNDLED
+
+    return spec in BUNDLED or spec.endswith(".pth")
+
+
+def backbone_family(spec: str) -> str:
+    """``"nequip"`` for SevenNet names/checkpoints, ``"mace"`` for MACE model files."""
+    if _looks_like_sevennet(spec):
+        return "nequip"
+    if os.path.isfile(spec) or spec.endswith(".model"):
+        return "mace"
+    raise FlytuneError(
+        f"unknown backbone {spec!r}; give '7net-0', a SevenNet checkpoint (.pth) "
+        "or a MACE model file (.model)"
+    )
+
+
+def load_backbone(spec: str, **options) -> Backbone:
+    """Load a pretrained backbone by name or path.
+
+    ``spec``: ``"7net-0"`` (SevenNet-0, shipped inside ``sevenn``), a SevenNet checkpoint
+    ``*.pth``, or a MACE model file. ``options`` go to the adapter (``modal`` for
+    multi-fidelity SevenNet, ``dtype``/``head`` for MACE).
+    """
+    if backbone_family(spec) == "nequip":
+        from flytune.backbones.sevennet import SevenNetBackbone
+
+        return SevenNetBackbone(spec, **options)
+    from flytune.backbones.mace import MACEBackbone
+
+    return MACEBackbone(spec, **options)

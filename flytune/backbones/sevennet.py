@@ -1,0 +1,171 @@
+"""SevenNet adapter (``7net-0`` as shipped in the ``sevenn`` wheel, or any checkpoint).
+
+The SevenNet model is run module by module up to the total energy; its own
+force/stress module is replaced by an out-of-place autograd step so that the force
+computation can be differentiated again (training) and evaluated with
+``torch.func.functional_call``. Energies are differentiated with respect to the edge
+vectors r_ij = r_j − r_i + shift, which gives forces and the virial in one pass:
+
+    F_i = Σ_{edges i→j} ∂E/∂r_ij − Σ_{edges j→i} ∂E/∂r_ji,
+    σ_s = (1/V_s) Σ_{edges of s} r_ij ⊗ ∂E/∂r_ij        (ASE sign convention).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from ase import Atoms
+
+from flytune.backbones.base import Backbone, BackboneOutput, Graph, GraphBatch, structure_index
+from flytune.errors import FlytuneError
+
+#: names the sevenn package resolves itself (bundled checkpoints)
+BUNDLED = ("7net-0", "SevenNet-0", "7net-0_11July2024", "7net-0_22May2024", "7net-l3i5")
+# the total-energy reduction is done here (see SevenNetBackbone.forward) and so is the
+# force/stress step
+_SKIPPED_MODULES = ("reduce_total_enegy", "force_output")
+_READOUT_START = "reduce_input_to_hidden"
+
+
+def _quiet_sevenn():
+    warnings.filterwarnings("ignore", message=".*cuEquivariance.*")
+    warnings.filterwarnings("ignore", message=".*accelerator.*")
+
+
+class SevenNetBackbone(Backbone):
+    """A SevenNet model exposed as a :class:`Backbone` (NequIP family)."""
+
+    family: ClassVar[str] = "nequip"
+
+    def __init__(self, spec: str = "7net-0", modal: str | None = None):
+        super().__init__()
+        import sevenn.util
+
+        _quiet_sevenn()
+        if spec not in BUNDLED and not os.path.isfile(spec):
+            raise FlytuneError(
+                f"SevenNet checkpoint {spec!r} not found; give '7net-0' or the path of a "
+                "SevenNet checkpoint (.pth)"
+            )
+        try:
+            checkpoint = sevenn.util.load_checkpoint(spec)
+            model = checkpoint.build_model()
+        except Exception as exc:  # a corrupt or foreign file
+            raise FlytuneError(f"cannot load SevenNet checkpoint {spec!r}: {exc}") from exc
+        model.set_is_batch_data(True)
+        if model.modal_map and modal not in model.modal_map:
+            raise FlytuneError(
+                f"SevenNet model {spec!r} is multi-fidelity; choose modal= one of "
+                f"{sorted(model.modal_map)}"
+            )
+        names = list(model._modules)
+        if _READOUT_START not in names:
+            raise FlytuneError(f"SevenNet model {spec!r} has no '{_READOUT_START}' readout block")
+        self.spec = spec
+        self.modal = modal
+        self.model = model
+        self.cutoff = float(model.cutoff)
+        self._config = checkpoint.config
+        self._modules_to_run = [n for n in names if n not in _SKIPPED_MODULES]
+        self._feature_before = _READOUT_START
+        irreps_in = model._modules[_READOUT_START].irreps_in
+        scalar_slices = [sl for (mul, ir), sl in zip(irreps_in, irreps_in.slices()) if ir.l == 0]
+        self._scalar_index = torch.cat([torch.arange(sl.start, sl.stop) for sl in scalar_slices])
+        self.feature_dim = int(self._scalar_index.numel())
+        self._z_to_type = model.z_to_onehot_tensor
+        self._known = frozenset(int(z) for z in model.type_map)
+        self.dtype = next(p for p in model.parameters()).dtype
+        self._energy_constant = float(getattr(model._modules.get("reduce_total_enegy"), "constant", 1.0))
+
+    @property
+    def atomic_numbers(self) -> frozenset[int]:
+        return self._known
+
+    def _graph(self, atoms: Atoms) -> dict[str, Any]:
+        from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+        g = unlabeled_atoms_to_graph(atoms, self.cutoff)
+        return {
+            "atomic_numbers": torch.as_tensor(np.asarray(g["atomic_numbers"]), dtype=torch.long),
+            "edge_index": torch.as_tensor(np.asarray(g["edge_index"]), dtype=torch.long),
+            "edge_vec": torch.as_tensor(np.asarray(g["edge_vec"]), dtype=self.dtype),
+            "cell_volume": torch.tensor(float(atoms.cell.volume), dtype=self.dtype),
+        }
+
+    def collate(self, graphs: Sequence[Graph]) -> GraphBatch:
+        n_atoms = [g.n_atoms for g in graphs]
+        offsets = np.concatenate([[0], np.cumsum(n_atoms)[:-1]])
+        data = {
+            "atomic_numbers": torch.cat([g.data["atomic_numbers"] for g in graphs]),
+            "edge_index": torch.cat(
+                [g.data["edge_index"] + int(o) for g, o in zip(graphs, offsets)], dim=1
+            ),
+            "edge_vec": torch.cat([g.data["edge_vec"] for g in graphs]),
+            "cell_volume": torch.stack([g.data["cell_volume"] for g in graphs]),
+            "num_atoms": torch.as_tensor(n_atoms),
+        }
+        return GraphBatch(
+            data=data,
+            structure_index=structure_index(n_atoms),
+            periodic=torch.as_tensor([g.periodic for g in graphs]),
+        )
+
+    def forward(self, batch: GraphBatch, *, create_graph: bool = False) -> BackboneOutput:
+        src = batch.data
+        edge_vec = src["edge_vec"].detach().requires_grad_(True)
+        data: dict[str, Any] = {
+            "atomic_numbers": src["atomic_numbers"],
+            "x": src["atomic_numbers"],
+            "edge_index": src["edge_index"],
+            "edge_vec": edge_vec,
+            "cell_volume": src["cell_volume"],
+            "num_atoms": src["num_atoms"],
+            "batch": batch.structure_index,
+        }
+        if self.modal is not None:
+            data["data_modality"] = [self.modal] * batch.n_structures
+        model = self.model
+        data = model._preprocess(data)
+        features = None
+        for name in self._modules_to_run:
+            if name == self._feature_before:
+                features = data["x"][:, self._scalar_index]
+            data = model._modules[name](data)
+        # per-structure sums over contiguous slices: the same float32 reduction as the
+        # stock calculator's torch.sum, so batched energies equal single-structure ones
+        atomic_energy = data["atomic_energy"].squeeze(-1)
+        n_atoms_per = src["num_atoms"].tolist()
+        energy = torch.stack([e.sum() for e in torch.split(atomic_energy, n_atoms_per)])
+        energy = energy * self._energy_constant
+        (grad,) = torch.autograd.grad(energy.sum(), edge_vec, create_graph=create_graph)
+        n_atoms = batch.structure_index.shape[0]
+        src_idx, dst_idx = data["edge_index"][0], data["edge_index"][1]
+        zeros = torch.zeros(n_atoms, 3, dtype=grad.dtype)
+        forces = zeros.index_add(0, src_idx, grad) - zeros.index_add(0, dst_idx, grad)
+        stress = None
+        if bool(batch.periodic.any()):
+            edge_structure = batch.structure_index[src_idx]
+            virial = torch.zeros(batch.n_structures, 3, 3, dtype=grad.dtype).index_add(
+                0, edge_structure, edge_vec.detach().unsqueeze(2) * grad.unsqueeze(1)
+            )
+            volume = torch.where(batch.periodic, src["cell_volume"], torch.ones_like(src["cell_volume"]))
+            stress = virial / volume.view(-1, 1, 1)
+        assert features is not None
+        return BackboneOutput(energy=energy, forces=forces, stress=stress, features=features)
+
+    def random_parameters(self, seed: int) -> dict[str, torch.Tensor]:
+        from sevenn.model_build import build_E3_equivariant_model
+
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            fresh = build_E3_equivariant_model(dict(self._config))
+        fresh_params = dict(fresh.named_parameters())
+        return {
+            name: fresh_params[name.removeprefix("model.")].detach().clone()
+            for name in self.trainable_parameters()
+        }

@@ -1,0 +1,267 @@
+"""Markov chains of the ensemble and the runners that advance them.
+
+A :class:`Chain` is the whole state of one member's sampler: SGHMC state, its own
+random generator (minibatch draws and noise) and the samples it has produced.
+:func:`run_chain` advances one chain through a :class:`Schedule`; it depends only on
+its inputs, so chains can run one after another in this process
+(:class:`SequentialRunner`) or in worker processes (:class:`ProcessRunner`, one per
+core or GPU) with identical results for the same seeds.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+import multiprocessing as mp
+from typing import Protocol
+
+import torch
+from torch.func import functional_call
+
+from flytune.bayes import sghmc
+from flytune.bayes.dataset import TrainingSet
+from flytune.bayes.minibatch import draw_minibatch
+from flytune.bayes.model import ModelSpec, ProbabilisticModel
+from flytune.bayes.prior import GaussianPrior
+from flytune.bayes.schedules import Schedule
+
+Params = dict[str, torch.Tensor]
+#: progress callback: (chain index, steps done in this run, last per-datum log posterior)
+Progress = Callable[[int, int, float], None]
+
+
+class StopFlag(Protocol):
+    def is_set(self) -> bool: ...
+
+
+@dataclass
+class Chain:
+    index: int
+    state: sghmc.SGHMCState
+    rng_state: torch.Tensor
+    samples: list[Params] = field(default_factory=list)
+    #: True when the last run was stopped before its schedule ended
+    interrupted: bool = False
+
+    @classmethod
+    def start(cls, index: int, params: Params, seed: int) -> Chain:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
+        state = sghmc.SGHMCState(
+            params={k: v.detach().clone() for k, v in params.items()},
+            momenta=zeros,
+            sq_grad_avg=dict(zeros),
+            sq_grad_max=dict(zeros),
+        )
+        return cls(index=index, state=state, rng_state=generator.get_state())
+
+    def state_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "state": self.state.state_dict(),
+            "rng_state": self.rng_state,
+            "samples": self.samples,
+            "interrupted": self.interrupted,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> Chain:
+        return cls(
+            index=int(state["index"]),
+            state=sghmc.SGHMCState.from_state_dict(dict(state["state"])),
+            rng_state=state["rng_state"],
+            samples=[dict(s) for s in state["samples"]],
+            interrupted=bool(state["interrupted"]),
+        )
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Constants of SGHMC and of the minibatch estimator."""
+
+    batch_size: int = 5
+    friction: float = 0.1
+    beta: float = 0.999
+    mass_eps: float = 1e-4
+
+
+@dataclass(frozen=True)
+class ChainJob:
+    """Advance ``chain`` through ``schedule``.
+
+    ``priority``: priority sampling of the newest structure (on-the-fly) or uniform
+    (offline). ``replace_samples``: the new samples replace the chain's old ones
+    (on-the-fly update) instead of being appended (offline cycles).
+    """
+
+    chain: Chain
+    schedule: Schedule
+    priority: bool = True
+    replace_samples: bool = True
+
+
+def log_posterior_fn(model: ProbabilisticModel, prior: GaussianPrior, num_data: int):
+    """−Ũ(θ) = (1/N)·log p(θ) + Σ_b w_b·ℓ_{u_b}(θ) for a minibatch (graphs, labels, w)."""
+
+    def log_posterior(params: Params, batch):
+        graphs, labels, weights = batch
+        pred = functional_call(model, params, (graphs,), {"create_graph": True})
+        ll = model.log_likelihood(pred, labels, graphs)
+        value = prior.log_prob(params) / num_data + (weights.to(ll.dtype) * ll).sum()
+        return value, ll.detach()
+
+    return log_posterior
+
+
+def run_chain(
+    model: ProbabilisticModel,
+    prior: GaussianPrior,
+    data: TrainingSet,
+    job: ChainJob,
+    settings: SamplerSettings,
+    progress: Progress | None = None,
+    stop: StopFlag | None = None,
+) -> Chain:
+    """Run ``job.schedule`` on ``job.chain``; returns the advanced chain (inputs untouched)."""
+    chain, schedule = job.chain, job.schedule
+    num_data = len(data)
+    if num_data == 0:
+        raise ValueError("cannot sample without data: add labelled structures first")
+    generator = torch.Generator()
+    generator.set_state(chain.rng_state)
+    sampler = sghmc.build(
+        log_posterior_fn(model, prior, num_data),
+        friction=settings.friction,
+        beta=settings.beta,
+        mass_eps=settings.mass_eps,
+        has_aux=True,
+    )
+    state = chain.state
+    samples = [] if job.replace_samples else list(chain.samples)
+    resets, sample_steps = set(schedule.reset_before), set(schedule.sample_after)
+    interrupted = False
+    for k in range(len(schedule)):
+        if stop is not None and stop.is_set():
+            interrupted = True
+            break
+        if k in resets:
+            state = sampler.init(state.params)
+        indices, weights = draw_minibatch(num_data, settings.batch_size, generator, job.priority)
+        graphs, labels = data.batch(indices)
+        state = sampler.update(
+            state,
+            (graphs, labels, weights),
+            lr=float(schedule.step_size[k]),
+            temperature=float(schedule.temperature[k]),
+            num_data=num_data,
+            generator=generator,
+        )
+        if k in sample_steps:
+            samples.append(state.params)
+        if progress is not None:
+            progress(chain.index, k + 1, state.log_posterior)
+    if interrupted and not samples:
+        samples.append(state.params)  # keep what the chain has: its current state
+    state.aux = None
+    return Chain(chain.index, state, generator.get_state(), samples, interrupted)
+
+
+class SequentialRunner:
+    """Runs chains one after another in this process."""
+
+    def __init__(self, model: ProbabilisticModel):
+        self.model = model
+
+    def run(
+        self,
+        prior: GaussianPrior,
+        data: TrainingSet,
+        jobs: Sequence[ChainJob],
+        settings: SamplerSettings,
+        progress: Progress | None = None,
+        stop: StopFlag | None = None,
+    ) -> list[Chain]:
+        return [run_chain(self.model, prior, data, job, settings, progress, stop) for job in jobs]
+
+    def close(self) -> None:
+        pass
+
+
+# -- worker processes ------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _worker_init(spec_state: dict, threads: int, events, stop) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and sets `stop`
+    torch.set_num_threads(threads)
+    _WORKER["model"] = ModelSpec.from_state_dict(spec_state).build()
+    _WORKER["events"], _WORKER["stop"] = events, stop
+
+
+def _worker_run(prior_state: dict, data_state: dict, job: ChainJob, settings: SamplerSettings) -> dict:
+    model = _WORKER["model"]
+    events = _WORKER["events"]
+    data = TrainingSet.from_state_dict(model.backbone, data_state)
+    prior = GaussianPrior.from_state_dict(prior_state)
+
+    def progress(index: int, step: int, value: float) -> None:
+        events.put((index, step, value))
+
+    chain = run_chain(model, prior, data, job, settings, progress, _WORKER["stop"])
+    return chain.state_dict()
+
+
+class ProcessRunner:
+    """Runs chains in ``workers`` spawned processes, each holding its own model.
+
+    Each worker uses ``threads`` torch threads (default: the cores divided among the
+    workers). Progress is relayed through a queue; a stop flag shared with the workers
+    ends every chain at its next step.
+    """
+
+    def __init__(self, spec: ModelSpec, workers: int, threads: int | None = None):
+        cores = os.cpu_count() or 1
+        self.threads = threads or max(1, cores // workers)
+        self._ctx = mp.get_context("spawn")
+        self._manager = self._ctx.Manager()
+        self.events = self._manager.Queue()
+        self.stop_event = self._manager.Event()
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=self._ctx,
+            initializer=_worker_init,
+            initargs=(spec.state_dict(), self.threads, self.events, self.stop_event),
+        )
+
+    def run(
+        self,
+        prior: GaussianPrior,
+        data: TrainingSet,
+        jobs: Sequence[ChainJob],
+        settings: SamplerSettings,
+        progress: Progress | None = None,
+        stop: StopFlag | None = None,
+    ) -> list[Chain]:
+        self.stop_event.clear()
+        prior_state, data_state = prior.state_dict(), data.state_dict()
+        futures = [self._pool.submit(_worker_run, prior_state, data_state, j, settings) for j in jobs]
+        while not all(f.done() for f in futures):
+            if stop is not None and stop.is_set():
+                self.stop_event.set()
+            try:
+                event = self.events.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if progress is not None:
+                progress(*event)
+        while progress is not None and not self.events.empty():
+            progress(*self.events.get())
+        return [Chain.from_state_dict(f.result()) for f in futures]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._manager.shutdown()

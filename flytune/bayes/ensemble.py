@@ -1,0 +1,323 @@
+r"""The ensemble of M chains: updates, prediction, saving and loading (method §4–§5).
+
+Prediction combines members m = 1..M with means μ_m and variances σ_m² as
+
+    μ = mean_m μ_m,     σ² = Var_m(μ_m) + mean_m σ_m²      (Var with the M − 1 denominator)
+
+for the energy, every force component and every stress component.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from torch.func import functional_call
+
+from flytune.bayes.calibration import Calibrator
+from flytune.bayes.chains import (
+    Chain,
+    ChainJob,
+    ProcessRunner,
+    Progress,
+    SamplerSettings,
+    SequentialRunner,
+    StopFlag,
+)
+from flytune.bayes.dataset import TrainingSet
+from flytune.bayes.model import ModelSpec, ProbabilisticModel
+from flytune.bayes.prior import GaussianPrior, random_start, transfer_prior, uninformative_prior
+from flytune.bayes.schedules import Schedule, cycle_schedule
+from flytune.config import ModelConfig, UncertaintyConfig
+from flytune.data import labels_of, same_composition
+from flytune.errors import FlytuneError
+
+FORMAT = "flytune.ensemble/1"
+Params = dict[str, torch.Tensor]
+
+
+@dataclass
+class EnsemblePrediction:
+    """Ensemble mean and total variance (ASE units) of a batch of S structures."""
+
+    energy: np.ndarray  # (S,)
+    energy_var: np.ndarray  # (S,)
+    forces: np.ndarray  # (A, 3)
+    forces_var: np.ndarray  # (A, 3)
+    stress: np.ndarray | None  # (S, 3, 3)
+    stress_var: np.ndarray | None  # (S, 3, 3)
+    structure_index: np.ndarray  # (A,)
+
+    @property
+    def energy_std(self) -> np.ndarray:
+        return np.sqrt(self.energy_var)
+
+
+def combine(means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(μ, σ²) over the leading member axis: σ² = Var_m(μ_m) (ddof 1; 0 if M = 1) + mean σ_m²."""
+    epistemic = means.var(axis=0, ddof=1) if means.shape[0] > 1 else np.zeros(means.shape[1:])
+    return means.mean(axis=0), epistemic + variances.mean(axis=0)
+
+
+class Ensemble:
+    """M SGHMC chains sharing a prior, a data set, an energy offset and a calibrator."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: ModelConfig,
+        uncertainty: UncertaintyConfig,
+        prior: GaussianPrior,
+        chains: list[Chain],
+        *,
+        model: ProbabilisticModel | None = None,
+        calibrator: Calibrator | None = None,
+        energy_offset: float | None = None,
+        seed: int = 0,
+        data_state: dict | None = None,
+    ):
+        self.spec = spec
+        self.config = config
+        self.uncertainty = uncertainty
+        self.prior = prior
+        self.chains = chains
+        self.model = model if model is not None else spec.build()
+        self.model.eval()
+        self.data = (
+            TrainingSet.from_state_dict(self.model.backbone, data_state)
+            if data_state is not None
+            else TrainingSet(self.model.backbone)
+        )
+        self.calibrator = calibrator or Calibrator(
+            uncertainty.calibration_shape, uncertainty.calibration_rate
+        )
+        self.energy_offset = energy_offset
+        self.seed = seed
+        self._runner: SequentialRunner | ProcessRunner | None = None
+
+    # -- construction ---------------------------------------------------------------
+    @classmethod
+    def from_config(
+        cls, config: ModelConfig, uncertainty: UncertaintyConfig | None = None, seed: int = 0
+    ) -> Ensemble:
+        """M chains at the start of the posterior: θ0 (transfer) or random weights (uninformative)."""
+        from flytune.backbones import backbone_family
+
+        family = backbone_family(config.backbone)
+        config = config.resolved(family)
+        uncertainty = (uncertainty or UncertaintyConfig()).resolved(family)
+        spec = model_spec(config, uncertainty)
+        model = spec.build()
+        if config.prior == "transfer":
+            prior = transfer_prior(model, config.sigma_prior)
+            starts = [prior.centre] * config.chains
+        else:
+            prior = uninformative_prior(model, config.uninformative_sigma_prior)
+            starts = [random_start(model, seed * 7919 + m) for m in range(config.chains)]
+        chains = [Chain.start(m, starts[m], seed) for m in range(config.chains)]
+        return cls(spec, config, uncertainty, prior, chains, model=model, seed=seed)
+
+    @classmethod
+    def pretrained(cls, backbone: str, uncertainty: UncertaintyConfig | None = None) -> Ensemble:
+        """The pretrained model as a one-member ensemble, σ head at its initial value."""
+        from flytune.backbones import backbone_family
+
+        family = backbone_family(backbone)
+        config = ModelConfig(backbone=backbone).resolved(family)
+        uncertainty = (uncertainty or UncertaintyConfig()).resolved(family)
+        spec = model_spec(config, uncertainty)
+        model = spec.build()
+        prior = transfer_prior(model, config.sigma_prior)
+        chain = Chain.start(0, prior.centre, 0)
+        return cls(spec, config, uncertainty, prior, [chain], model=model)
+
+    # -- members and prediction -----------------------------------------------------
+    @property
+    def members(self) -> list[Params]:
+        """Parameter sets that predict: every chain's samples (its current state if none)."""
+        return [s for c in self.chains for s in (c.samples or [c.state.params])]
+
+    def predict(self, structures: Atoms | Sequence[Atoms], batch_size: int = 16) -> EnsemblePrediction:
+        """Ensemble mean and total variance of energy, forces and stress (periodic only)."""
+        structures = [structures] if isinstance(structures, Atoms) else list(structures)
+        parts = [self._predict_batch(structures[i : i + batch_size]) for i in range(0, len(structures), batch_size)]
+        if len(parts) == 1:
+            return parts[0]
+        offsets = np.cumsum([0] + [len(p.energy) for p in parts[:-1]])
+        has_stress = all(p.stress is not None for p in parts)
+        return EnsemblePrediction(
+            energy=np.concatenate([p.energy for p in parts]),
+            energy_var=np.concatenate([p.energy_var for p in parts]),
+            forces=np.concatenate([p.forces for p in parts]),
+            forces_var=np.concatenate([p.forces_var for p in parts]),
+            stress=np.concatenate([p.stress for p in parts]) if has_stress else None,
+            stress_var=np.concatenate([p.stress_var for p in parts]) if has_stress else None,
+            structure_index=np.concatenate([p.structure_index + o for p, o in zip(parts, offsets)]),
+        )
+
+    def member_predictions(self, structures: Sequence[Atoms]):
+        """Per-member (means, variances) of energy, forces, stress for one batch."""
+        batch = self.model.backbone.batch(structures)
+        out = {"energy": ([], []), "forces": ([], []), "stress": ([], [])}
+        for params in self.members:
+            pred = functional_call(self.model, params, (batch,))
+            out["energy"][0].append(pred.energy.detach().double().numpy())
+            out["energy"][1].append(np.full(len(structures), pred.energy_sigma**2))
+            out["forces"][0].append(pred.forces.detach().double().numpy())
+            sig2 = pred.force_sigma.detach().double().numpy() ** 2
+            out["forces"][1].append(np.repeat(sig2[:, None], 3, axis=1))
+            if pred.stress is not None:
+                out["stress"][0].append(pred.stress.detach().double().numpy())
+                out["stress"][1].append(np.full((len(structures), 3, 3), pred.stress_sigma**2))
+        return batch, {k: (np.stack(m), np.stack(v)) for k, (m, v) in out.items() if m}
+
+    def _predict_batch(self, structures: Sequence[Atoms]) -> EnsemblePrediction:
+        batch, parts = self.member_predictions(structures)
+        energy, energy_var = combine(*parts["energy"])
+        forces, forces_var = combine(*parts["forces"])
+        stress = stress_var = None
+        if "stress" in parts:
+            stress, stress_var = combine(*parts["stress"])
+            nonperiodic = ~batch.periodic.numpy()
+            stress[nonperiodic] = np.nan
+            stress_var[nonperiodic] = np.nan
+        return EnsemblePrediction(
+            energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.numpy()
+        )
+
+    # -- data and offset ------------------------------------------------------------
+    def pretrained_energy(self, atoms: Atoms) -> float:
+        """Ê_pretrained(x): energy of the backbone with its pretrained weights (eV)."""
+        return float(self.model.backbone(self.model.backbone.batch([atoms])).energy.detach()[0])
+
+    def set_energy_offset(self, atoms: Atoms) -> float:
+        """Δ = Ê_pretrained(x0) − E_ref(x0), added to every reference energy (method §7)."""
+        reference = labels_of(atoms, where="first labelled structure").energy
+        self.energy_offset = self.pretrained_energy(atoms) - reference
+        return self.energy_offset
+
+    def add_data(self, structures: Sequence[Atoms]) -> None:
+        """Add labelled structures (raw reference energies); the first one sets the offset."""
+        structures = list(structures)
+        if not structures:
+            return
+        if self.energy_offset is None:
+            self.set_energy_offset(structures[0])
+        known = self.data.structures[:1] + structures
+        if not same_composition(known):
+            raise FlytuneError(
+                "the composition changed: a single energy offset is valid only for a fixed "
+                "composition; fine-tune on structures with one composition"
+            )
+        self.data.extend(structures, self.energy_offset)
+
+    # -- sampling -------------------------------------------------------------------
+    @property
+    def sampler_settings(self) -> SamplerSettings:
+        c = self.config
+        return SamplerSettings(c.batch_size, c.friction, c.beta, c.mass_eps)
+
+    def update_schedule(self) -> Schedule:
+        c = self.config
+        return cycle_schedule(c.cycle_steps, c.eta_max, c.noise_off_fraction, c.ramp_fraction)
+
+    def update(
+        self,
+        new_structures: Sequence[Atoms],
+        progress: Progress | None = None,
+        stop: StopFlag | None = None,
+    ) -> None:
+        """Add labelled structures and run one update cycle on every chain (warm start)."""
+        self.add_data(new_structures)
+        schedule = self.update_schedule()
+        self.run([ChainJob(c, schedule, priority=True, replace_samples=True) for c in self.chains], progress, stop)
+
+    def run(self, jobs: Sequence[ChainJob], progress: Progress | None = None, stop: StopFlag | None = None) -> None:
+        """Run chain jobs (sequentially or in worker processes) and keep the new chains."""
+        chains = self.runner.run(self.prior, self.data, jobs, self.sampler_settings, progress, stop)
+        by_index = {c.index: c for c in chains}
+        self.chains = [by_index.get(c.index, c) for c in self.chains]
+
+    @property
+    def runner(self) -> SequentialRunner | ProcessRunner:
+        if self._runner is None:
+            if self.config.workers > 1:
+                self._runner = ProcessRunner(self.spec, self.config.workers, self.config.threads_per_worker)
+            else:
+                self._runner = SequentialRunner(self.model)
+        return self._runner
+
+    def close(self) -> None:
+        """Stop worker processes (if any)."""
+        if self._runner is not None:
+            self._runner.close()
+            self._runner = None
+
+    def __enter__(self) -> Ensemble:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- persistence ----------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "spec": self.spec.state_dict(),
+            "config": self.config.model_dump(mode="json"),
+            "uncertainty": self.uncertainty.model_dump(mode="json"),
+            "prior": self.prior.state_dict(),
+            "chains": [c.state_dict() for c in self.chains],
+            "data": self.data.state_dict(),
+            "energy_offset": self.energy_offset,
+            "calibrator": self.calibrator.state_dict(),
+            "seed": self.seed,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write everything needed to predict and to continue bit for bit (atomic replace)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(self.state_dict(), tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, workers: int | None = None) -> Ensemble:
+        """Load a saved ensemble (``torch.load(weights_only=True)``: no code is unpickled)."""
+        try:
+            state = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise FlytuneError(f"model file {os.fspath(path)!r} not found; give a directory written by `flytune finetune`") from None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise FlytuneError(f"{os.fspath(path)!r} is not a flytune ensemble ({FORMAT})")
+        config = ModelConfig.model_validate(state["config"])
+        if workers is not None:
+            config = config.model_copy(update={"workers": workers})
+        return cls(
+            ModelSpec.from_state_dict(state["spec"]),
+            config,
+            UncertaintyConfig.model_validate(state["uncertainty"]),
+            GaussianPrior.from_state_dict(state["prior"]),
+            [Chain.from_state_dict(c) for c in state["chains"]],
+            calibrator=Calibrator.from_state_dict(state["calibrator"]),
+            energy_offset=state["energy_offset"],
+            seed=int(state["seed"]),
+            data_state=state["data"],
+        )
+
+
+def model_spec(config: ModelConfig, uncertainty: UncertaintyConfig) -> ModelSpec:
+    """The :class:`ModelSpec` of a (resolved) configuration."""
+    return ModelSpec(
+        backbone=config.backbone,
+        energy_sigma=config.energy_sigma_fraction * uncertainty.threshold_eV,
+        force_sigma0=config.force_sigma0,
+        stress_sigma=config.stress_sigma,
+        head_widths=tuple(config.head_widths),
+        backbone_options=tuple(sorted(config.backbone_options.items())),
+    )
