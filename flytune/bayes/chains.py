@@ -30,7 +30,8 @@ from flytune.bayes.prior import GaussianPrior
 from flytune.bayes.schedules import Schedule
 
 Params = dict[str, torch.Tensor]
-#: progress callback: (chain index, steps done in this run, last per-datum log posterior)
+#: progress callback: (chain index, steps done in this run, mean log-likelihood per
+#: structure of the last minibatch)
 Progress = Callable[[int, int, float], None]
 
 
@@ -163,7 +164,7 @@ def run_chain(
         if k in sample_steps:
             samples.append(state.params)
         if progress is not None:
-            progress(chain.index, k + 1, state.log_posterior)
+            progress(chain.index, k + 1, float(state.aux.mean()))
     if interrupted and not samples:
         samples.append(state.params)  # keep what the chain has: its current state
     state.aux = None

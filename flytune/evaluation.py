@@ -1,0 +1,102 @@
+"""Accuracy and uncertainty-quality metrics of an ensemble on labelled structures.
+
+Keys (ASE units; the same with a ``_kcal`` suffix in kcal/mol-based units):
+``energy_rmse``, ``energy_mae`` (eV), ``force_rmse``, ``force_mae`` (eV/Å),
+``force_mll`` (mean Gaussian log-likelihood of the force components under the
+predicted mean and total variance), ``force_mll_recalibrated`` (the same with the
+variances scaled by ``calibration_factor``), ``force_auc_roc`` (AUC-ROC of the
+predicted σ for detecting components with |error| above a threshold) and
+``calibration_factor`` c = mean(e²)/mean(σ²), the factor on the predicted variance that
+would match it to the observed mean squared error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from ase import Atoms
+from scipy.stats import rankdata
+
+from flytune.bayes.ensemble import Ensemble
+from flytune.data import labels_of
+from flytune.units import KCAL_MOL
+
+LOG_KCAL = math.log(KCAL_MOL)  # log-density shift from eV to kcal/mol units
+
+
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """AUC-ROC = P(score of a positive > score of a negative), ties counted ½ (Mann–Whitney).
+
+    NaN when one class is empty.
+    """
+    scores, positive = np.asarray(scores, float).ravel(), np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def gaussian_mll(errors: np.ndarray, variances: np.ndarray) -> float:
+    """Mean of log N(e; 0, σ²) over all entries."""
+    errors, variances = np.asarray(errors, float), np.asarray(variances, float)
+    return float(np.mean(-0.5 * errors**2 / variances - 0.5 * np.log(2 * np.pi * variances)))
+
+
+def error_metrics(
+    energy_error: np.ndarray,
+    force_error: np.ndarray,
+    force_var: np.ndarray,
+    force_error_threshold: float = KCAL_MOL,
+) -> dict[str, float]:
+    """Metrics of energy errors (S,) and force-component errors/variances (A, 3), eV units."""
+    c = float(np.mean(force_error**2) / np.mean(force_var))
+    out = {
+        "energy_rmse": float(np.sqrt(np.mean(energy_error**2))),
+        "energy_mae": float(np.mean(np.abs(energy_error))),
+        "force_rmse": float(np.sqrt(np.mean(force_error**2))),
+        "force_mae": float(np.mean(np.abs(force_error))),
+        "force_mll": gaussian_mll(force_error, force_var),
+        "force_mll_recalibrated": gaussian_mll(force_error, c * force_var),
+        "force_auc_roc": roc_auc(np.sqrt(force_var), np.abs(force_error) > force_error_threshold),
+        "calibration_factor": c,
+    }
+    for key in ("energy_rmse", "energy_mae", "force_rmse", "force_mae"):
+        out[f"{key}_kcal"] = out[key] / KCAL_MOL
+    for key in ("force_mll", "force_mll_recalibrated"):
+        out[f"{key}_kcal"] = out[key] - LOG_KCAL
+    for key in ("force_auc_roc", "calibration_factor"):
+        out[f"{key}_kcal"] = out[key]
+    return out
+
+
+def evaluate(
+    ensemble: Ensemble,
+    structures: Sequence[Atoms],
+    force_error_threshold: float = KCAL_MOL,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Predict ``structures`` and compare with their labels.
+
+    Reference energies get the ensemble's energy offset; an ensemble without one
+    (the pretrained model) takes it from the first structure, as in the paper.
+    ``force_error_threshold`` (eV/Å, default 1 kcal/mol/Å) defines a large force error
+    for the AUC-ROC.
+    """
+    labels = [labels_of(a, where=f"structure {i}") for i, a in enumerate(structures)]
+    offset = ensemble.energy_offset
+    if offset is None:
+        offset = ensemble.pretrained_energy(structures[0]) - labels[0].energy
+    pred = ensemble.predict(structures, batch_size=batch_size)
+    energy_error = np.array([lab.energy + offset for lab in labels]) - pred.energy
+    force_error = np.concatenate([lab.forces for lab in labels]) - pred.forces
+    metrics = error_metrics(energy_error, force_error, pred.forces_var, force_error_threshold)
+    metrics.update(
+        n_structures=len(structures),
+        n_members=len(ensemble.members),
+        energy_offset=float(offset),
+        force_error_threshold=float(force_error_threshold),
+    )
+    return metrics
