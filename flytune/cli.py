@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -34,6 +35,7 @@ def _validation_message(exc: ValidationError) -> str:
 
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
+    warnings.filterwarnings("ignore", message=".*accelerator.*")  # SevenNet's CPU notice
     try:
         app(standalone_mode=False)
     except FlytuneError as exc:

@@ -172,10 +172,15 @@ def run_chain(
 
 
 class SequentialRunner:
-    """Runs chains one after another in this process."""
+    """Runs chains one after another in this process.
 
-    def __init__(self, model: ProbabilisticModel):
+    With ``threads`` set, torch uses that many threads while chains run, so results
+    equal a :class:`ProcessRunner` with the same threads per worker bit for bit.
+    """
+
+    def __init__(self, model: ProbabilisticModel, threads: int | None = None):
         self.model = model
+        self.threads = threads
 
     def run(
         self,
@@ -186,7 +191,13 @@ class SequentialRunner:
         progress: Progress | None = None,
         stop: StopFlag | None = None,
     ) -> list[Chain]:
-        return [run_chain(self.model, prior, data, job, settings, progress, stop) for job in jobs]
+        previous = torch.get_num_threads()
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return [run_chain(self.model, prior, data, job, settings, progress, stop) for job in jobs]
+        finally:
+            torch.set_num_threads(previous)
 
     def close(self) -> None:
         pass

@@ -249,7 +249,7 @@ class Ensemble:
             if self.config.workers > 1:
                 self._runner = ProcessRunner(self.spec, self.config.workers, self.config.threads_per_worker)
             else:
-                self._runner = SequentialRunner(self.model)
+                self._runner = SequentialRunner(self.model, self.config.threads_per_worker)
         return self._runner
 
     def close(self) -> None:

@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+
+from flytune.bayes.calibration import Calibrator, predictive_scale, prob_within
+
+ERRORS = (0.30, -0.12, 0.45, 0.05)
+STDS = (0.20, 0.15, 0.25, 0.10)
+
+
+def worked_example() -> Calibrator:
+    calibrator = Calibrator(shape=3.0, rate=10.0)
+    for e, s in zip(ERRORS, STDS):
+        calibrator.observe(e, s)
+    return calibrator
+
+
+def test_worked_example_of_the_method_spec():
+    c = worked_example()
+    assert c.n == 4
+    assert c.posterior_shape == pytest.approx(5.0)
+    assert c.posterior_rate == pytest.approx(13.19)
+    assert c.prob_within(0.5, 0.10) == pytest.approx(0.988329, abs=5e-7)
+    assert c.prob_within(0.5, 0.15) == pytest.approx(0.932751, abs=5e-7)
+    assert not c.should_call(0.5, 0.10)
+    assert c.should_call(0.5, 0.15)
+    assert c.switch_sigma(0.5) == pytest.approx(0.138163, abs=5e-7)
+    # just below / above the switch-over
+    assert not c.should_call(0.5, 0.138163 - 1e-5)
+    assert c.should_call(0.5, 0.138163 + 1e-5)
+
+
+def test_t_and_hyp2f1_forms_agree_where_well_conditioned():
+    eps = 0.5
+    sigma = np.geomspace(0.05, 5.0, 40)
+    for shape in (1.5, 3.0, 5.0, 20.0):
+        for rate in (2.0, 10.0, 30.0):
+            x = eps**2 / (2 * rate * sigma**2)
+            ok = x < 2.0  # the series of 2F1 converges well for |x| of order one
+            p_t = prob_within(eps, sigma[ok], shape, rate, form="t")
+            p_f = prob_within(eps, sigma[ok], shape, rate, form="hyp2f1")
+            np.testing.assert_allclose(p_t, p_f, rtol=0, atol=1e-9)
+
+
+def test_prob_within_matches_monte_carlo():
+    rng = np.random.default_rng(0)
+    shape, rate, sigma, eps = 4.0, 9.0, 0.2, 0.5
+    lam = rng.gamma(shape, 1.0 / rate, size=2_000_000)
+    errors = rng.normal(0.0, sigma / np.sqrt(lam))
+    mc = np.mean(np.abs(errors) < eps)
+    assert prob_within(eps, sigma, shape, rate) == pytest.approx(mc, abs=2e-3)
+    assert prob_within(eps, sigma, shape, rate, form="hyp2f1") == pytest.approx(mc, abs=2e-3)
+
+
+def test_prob_within_is_a_probability_and_monotone():
+    sigma = np.geomspace(1e-3, 1e3, 50)
+    p = prob_within(0.5, sigma, 3.0, 10.0)
+    assert np.all((p >= 0) & (p <= 1))
+    assert np.all(np.diff(p) < 0)
+
+
+def test_calibrated_scale_and_state_roundtrip():
+    c = worked_example()
+    assert c.calibrated_sigma(0.1) == pytest.approx(0.1 * np.sqrt(13.19 / 5.0))
+    assert predictive_scale(0.1, 5.0, 13.19) == pytest.approx(c.calibrated_sigma(0.1))
+    assert Calibrator.from_state_dict(c.state_dict()) == c
+
+
+def test_prior_underconfident_at_start():
+    c = Calibrator(shape=3.0, rate=10.0)
+    # prior mean of λ is 0.3 < 1: a raw σ of 0.1 with ε = 0.5 still triggers calls
+    assert c.should_call(0.5, 0.2)
+
+
+@pytest.mark.parametrize("bad", [dict(shape=0.0), dict(rate=-1.0)])
+def test_invalid_prior(bad):
+    with pytest.raises(ValueError):
+        Calibrator(**bad)
+
+
+def test_observe_rejects_nonpositive_sigma():
+    with pytest.raises(ValueError):
+        Calibrator().observe(0.1, 0.0)
+
+
+def test_unknown_form():
+    with pytest.raises(ValueError):
+        prob_within(0.5, 0.1, 3.0, 10.0, form="beta")

@@ -1,0 +1,110 @@
+"""Ensemble updates, prediction, persistence and parallel chains."""
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import emt_labelled, ethanol
+from flytune.bayes.chains import ChainJob
+from flytune.bayes.ensemble import Ensemble
+from flytune.bayes.schedules import offline_schedule
+from flytune.config import ModelConfig, UncertaintyConfig
+from flytune.errors import FlytuneError
+
+SMALL = dict(chains=2, cycle_steps=6, batch_size=2, eta_max=1e-3)
+
+
+def assert_same_chains(a: Ensemble, b: Ensemble):
+    assert len(a.chains) == len(b.chains)
+    for ca, cb in zip(a.chains, b.chains):
+        for field in ("params", "momenta", "sq_grad_avg", "sq_grad_max"):
+            da, db = getattr(ca.state, field), getattr(cb.state, field)
+            assert all(torch.equal(da[k], db[k]) for k in da), field
+        assert torch.equal(ca.rng_state, cb.rng_state)
+    for ma, mb in zip(a.members, b.members):
+        assert all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+def test_update_sets_offset_and_adds_data(ethanol_frames):
+    ens = Ensemble.from_config(ModelConfig(**SMALL), seed=0)
+    first = ethanol_frames[0]
+    ens.update(ethanol_frames[:2])
+    expected = ens.pretrained_energy(first) - first.get_potential_energy()
+    assert ens.energy_offset == pytest.approx(expected)
+    assert len(ens.data) == 2
+    np.testing.assert_allclose(ens.data.energies()[0], ens.pretrained_energy(first))
+    assert len(ens.members) == 2
+    # the chains moved away from θ0 and from each other
+    moved = [any(not torch.equal(m[k], ens.prior.centre[k]) for k in m) for m in ens.members]
+    assert all(moved)
+    pred = ens.predict(ethanol_frames[5])
+    assert pred.energy.shape == (1,) and pred.forces.shape == (9, 3)
+    assert pred.stress is None
+    assert np.all(pred.energy_var > 0) and np.all(pred.forces_var > 0)
+
+
+def test_composition_change_is_refused(ethanol_frames):
+    ens = Ensemble.from_config(ModelConfig(**SMALL), seed=0)
+    ens.add_data(ethanol_frames[:1])
+    methanol = emt_labelled(ethanol(0)[[0, 2, 3, 4, 5, 6, 8]])
+    with pytest.raises(FlytuneError, match="composition"):
+        ens.add_data([methanol])
+
+
+def test_save_load_continue_is_bit_for_bit(ethanol_frames, tmp_path):
+    uninterrupted = Ensemble.from_config(ModelConfig(**SMALL), seed=4)
+    resumed = Ensemble.from_config(ModelConfig(**SMALL), seed=4)
+    for ens in (uninterrupted, resumed):
+        ens.update(ethanol_frames[:3])
+        ens.update(ethanol_frames[3:4])
+    resumed.save(tmp_path / "model.pt")
+    state = torch.load(tmp_path / "model.pt", weights_only=True)  # safe format
+    assert state["format"] == "flytune.ensemble/1"
+    resumed = Ensemble.load(tmp_path / "model.pt")
+    assert len(resumed.data) == 4 and resumed.energy_offset == uninterrupted.energy_offset
+    uninterrupted.update(ethanol_frames[4:5])
+    resumed.update(ethanol_frames[4:5])
+    assert_same_chains(uninterrupted, resumed)
+    np.testing.assert_array_equal(
+        uninterrupted.predict(ethanol_frames[9]).forces, resumed.predict(ethanol_frames[9]).forces
+    )
+
+
+def test_parallel_and_sequential_chains_agree(ethanol_frames):
+    sequential = Ensemble.from_config(ModelConfig(**SMALL, workers=1, threads_per_worker=1), seed=2)
+    with Ensemble.from_config(ModelConfig(**SMALL, workers=2, threads_per_worker=1), seed=2) as parallel:
+        for ens in (sequential, parallel):
+            ens.update(ethanol_frames[:2])
+            ens.update(ethanol_frames[2:3])
+        assert_same_chains(sequential, parallel)
+
+
+def test_stop_keeps_samples_taken_so_far(ethanol_frames):
+    ens = Ensemble.from_config(ModelConfig(**SMALL), seed=0)
+    ens.add_data(ethanol_frames[:4])
+    stop = threading.Event()
+    seen = []
+
+    def progress(chain, step, mean_ll):
+        seen.append((chain, step))
+        if step == 3:
+            stop.set()
+
+    schedule = offline_schedule(10, 1e-3, 1e-4, cycles=1, cycle_steps=5)
+    ens.run([ChainJob(c, schedule, priority=False, replace_samples=False) for c in ens.chains], progress, stop)
+    assert seen[:3] == [(0, 1), (0, 2), (0, 3)]
+    assert all(c.interrupted for c in ens.chains)
+    assert ens.chains[0].state.step == 3 and ens.chains[1].state.step == 0
+    assert len(ens.members) == 2  # each chain keeps its current state as its sample
+
+
+def test_pretrained_is_one_member_with_initial_head():
+    ens = Ensemble.pretrained("7net-0", UncertaintyConfig(threshold=1.0, threshold_unit="kcal/mol"))
+    assert len(ens.members) == 1
+    assert ens.energy_offset is None
+    pred = ens.predict(ethanol(1))
+    s0 = ens.config.force_sigma0
+    np.testing.assert_allclose(pred.forces_var, s0**2, rtol=1e-6)
+    np.testing.assert_allclose(pred.energy_var, (0.1 * ens.uncertainty.threshold_eV) ** 2)
