@@ -114,3 +114,30 @@ def test_python_m_flytune():
 def test_evaluate_unknown_model(monkeypatch, capsys, test_file):
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", "nonsense", "--data", str(test_file))
     assert code == 2 and "unknown backbone" in err
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_samples(tmp_path, train_file):
+    """SIGINT to the whole process group (as Ctrl-C does), with chains in worker processes."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flytune", "finetune", "--data", str(train_file), "--out", str(out),
+         "--chains", "2", "--workers", "2", "--steps", "100000", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.time() + 120
+    while not any("partial" in p.name for p in tmp_path.iterdir()):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    time.sleep(20)  # workers start and sample
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    summary = json.loads((out / "finetune.json").read_text())
+    assert summary["interrupted"] and summary["n_members"] == 2
+    assert summary["chain_steps"] < 200000  # stopped long before the end
+    assert "interrupted" in stderr
+    assert (out / "model.pt").exists()

@@ -10,13 +10,15 @@ core or GPU) with identical results for the same seeds.
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 import queue
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-import multiprocessing as mp
+from multiprocessing.managers import SyncManager
 from typing import Protocol
 
 import torch
@@ -207,8 +209,18 @@ class SequentialRunner:
 _WORKER: dict = {}
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Processes started inside inherit an ignored SIGINT (Python keeps it ignored), so a
+    Ctrl-C sent to the whole process group reaches only the parent, which sets the stop flag."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _worker_init(spec_state: dict, threads: int, events, stop) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and sets `stop`
     torch.set_num_threads(threads)
     _WORKER["model"] = ModelSpec.from_state_dict(spec_state).build()
     _WORKER["events"], _WORKER["stop"] = events, stop
@@ -239,7 +251,9 @@ class ProcessRunner:
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // workers)
         self._ctx = mp.get_context("spawn")
-        self._manager = self._ctx.Manager()
+        self._manager = SyncManager(ctx=self._ctx)
+        with _sigint_ignored():
+            self._manager.start()
         self.events = self._manager.Queue()
         self.stop_event = self._manager.Event()
         self._pool = ProcessPoolExecutor(
@@ -260,7 +274,8 @@ class ProcessRunner:
     ) -> list[Chain]:
         self.stop_event.clear()
         prior_state, data_state = prior.state_dict(), data.state_dict()
-        futures = [self._pool.submit(_worker_run, prior_state, data_state, j, settings) for j in jobs]
+        with _sigint_ignored():  # workers are spawned on submit
+            futures = [self._pool.submit(_worker_run, prior_state, data_state, j, settings) for j in jobs]
         while not all(f.done() for f in futures):
             if stop is not None and stop.is_set():
                 self.stop_event.set()
