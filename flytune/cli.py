@@ -138,7 +138,7 @@ def run_finetune(
     return summary
 
 
-def load_model(spec: str, workers: int | None = None):
+def load_model(spec: str, device: str = "cpu"):
     """An ensemble from a finetune folder or file, or a backbone name (pretrained, one member)."""
     from flytune.bayes.ensemble import Ensemble
 
@@ -146,14 +146,14 @@ def load_model(spec: str, workers: int | None = None):
     if path.is_dir():
         if not (path / MODEL_FILE).exists():
             raise FlytuneError(f"{spec!r} has no {MODEL_FILE}; give a folder written by `flytune finetune` or a backbone name")
-        return Ensemble.load(path / MODEL_FILE, workers=workers)
+        return Ensemble.load(path / MODEL_FILE, workers=1, device=device)
     if path.suffix == ".pt" and path.is_file():
-        return Ensemble.load(path, workers=workers)
-    return Ensemble.pretrained(spec)
+        return Ensemble.load(path, workers=1, device=device)
+    return Ensemble.pretrained(spec, device=device)
 
 
 def run_evaluate(model: str, data: Path, *, frames: str = ":", force_threshold_kcal: float = 1.0,
-                 json_out: Path | None = None, quiet: bool = False) -> dict:
+                 json_out: Path | None = None, quiet: bool = False, device: str = "cpu") -> dict:
     from flytune.data import read_labelled
     from flytune.evaluation import evaluate
     from flytune.units import KCAL_MOL
@@ -161,7 +161,7 @@ def run_evaluate(model: str, data: Path, *, frames: str = ":", force_threshold_k
     if force_threshold_kcal <= 0:
         raise FlytuneError(f"--force-threshold must be > 0 (got {force_threshold_kcal})")
     structures = read_labelled(data, frames)
-    ensemble = load_model(model)
+    ensemble = load_model(model, device)
     with ensemble:
         metrics = evaluate(ensemble, structures, force_threshold_kcal * KCAL_MOL)
     metrics["model"] = model
@@ -218,6 +218,7 @@ def finetune_cmd(
     threshold: Annotated[float, typer.Option(help="ε; σ_E = 0.1·ε")] = 0.5,
     threshold_unit: Annotated[str, typer.Option(help="unit of ε: 'kcal/mol' or 'eV'")] = "kcal/mol",
     workers: Annotated[int, typer.Option(help="processes running chains in parallel")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda (one GPU per worker in turn), cuda:N or auto")] = "cpu",
     seed: int = 0,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output folder")] = False,
     quiet: bool = False,
@@ -227,7 +228,7 @@ def finetune_cmd(
         data,
         out,
         model_settings=dict(backbone=backbone, chains=chains, prior=prior, sigma_prior=sigma_prior,
-                            batch_size=batch_size, workers=workers),
+                            batch_size=batch_size, workers=workers, device=device),
         uncertainty_settings=dict(threshold=threshold, threshold_unit=threshold_unit),
         offline_settings=dict(initial_steps=steps, samples_per_chain=samples_per_chain,
                               cycle_steps=cycle_steps, eta_start=eta_start, eta_end=eta_end, seed=seed),
@@ -244,10 +245,12 @@ def evaluate_cmd(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the metrics to this JSON file")] = None,
     frames: Frames = ":",
     force_threshold: Annotated[float, typer.Option(help="force error counted as large for the AUC-ROC, kcal/mol/Å")] = 1.0,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto")] = "cpu",
     quiet: bool = False,
 ) -> None:
     """Accuracy and uncertainty quality of a model on labelled structures."""
-    run_evaluate(model, data, frames=frames, force_threshold_kcal=force_threshold, json_out=json_out, quiet=quiet)
+    run_evaluate(model, data, frames=frames, force_threshold_kcal=force_threshold, json_out=json_out,
+                 quiet=quiet, device=device)
 
 
 @app.command("demo")

@@ -44,7 +44,8 @@ class ModelConfig(_Strict):
     stress_sigma_kcal_mol_A3: PositiveFloat = Field(0.00625, description="σ_S")
     energy_sigma_fraction: PositiveFloat = Field(0.1, description="σ_E as a fraction of ε")
     head_widths: tuple[PositiveInt, ...] = (64, 16)
-    workers: int = Field(1, ge=1, description="processes running chains (1: in this process)")
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$", description="cpu, cuda, cuda:N or auto")
+    workers: int = Field(1, ge=1, description="processes running chains (1: in this process); with device 'cuda' one GPU per worker in turn")
     threads_per_worker: PositiveInt | None = None
 
     def resolved(self, family: str) -> ModelConfig:

@@ -108,3 +108,15 @@ def test_pretrained_is_one_member_with_initial_head():
     s0 = ens.config.force_sigma0
     np.testing.assert_allclose(pred.forces_var, s0**2, rtol=1e-6)
     np.testing.assert_allclose(pred.energy_var, (0.1 * ens.uncertainty.threshold_eV) ** 2)
+
+
+def test_device_setting_and_worker_devices():
+    from flytune.bayes.chains import worker_devices
+    from flytune.bayes.tree import resolve_device
+
+    assert worker_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError):
+        ModelConfig(device="gpu0")
+    ens = Ensemble.from_config(ModelConfig(**SMALL, device="auto"), seed=0)
+    assert str(ens.model.backbone.device).startswith(resolve_device("auto"))

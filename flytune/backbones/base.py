@@ -46,6 +46,11 @@ class GraphBatch:
     def n_structures(self) -> int:
         return int(self.periodic.shape[0])
 
+    def to(self, device: torch.device | str) -> GraphBatch:
+        """The batch with its tensors on ``device`` (no copy where they already are)."""
+        data = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.data.items()}
+        return GraphBatch(data, self.structure_index.to(device), self.periodic.to(device))
+
 
 @dataclass
 class BackboneOutput:
@@ -98,6 +103,10 @@ class Backbone(torch.nn.Module, ABC):
         """
 
     # -- shared behaviour ---------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def check_atoms(self, atoms: Atoms) -> None:
         """Raise a :class:`FlytuneError` if ``atoms`` holds elements the backbone does not know."""
         unknown = sorted(set(atoms.numbers.tolist()) - self.atomic_numbers)

@@ -92,6 +92,7 @@ class MACEBackbone(Backbone):
     def forward(self, batch: GraphBatch, *, create_graph: bool = False) -> BackboneOutput:
         from mace.modules.utils import extract_invariant
 
+        batch = batch.to(self.device)
         data = dict(batch.data)
         # MACE sets requires_grad on positions in place: give it a fresh leaf
         data["positions"] = data["positions"].detach().clone()

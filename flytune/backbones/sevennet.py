@@ -116,6 +116,7 @@ class SevenNetBackbone(Backbone):
         )
 
     def forward(self, batch: GraphBatch, *, create_graph: bool = False) -> BackboneOutput:
+        batch = batch.to(self.device)
         src = batch.data
         edge_vec = src["edge_vec"].detach().requires_grad_(True)
         data: dict[str, Any] = {
@@ -134,7 +135,7 @@ class SevenNetBackbone(Backbone):
         features = None
         for name in self._modules_to_run:
             if name == self._feature_before:
-                features = data["x"][:, self._scalar_index]
+                features = data["x"][:, self._scalar_index.to(data["x"].device)]
             data = model._modules[name](data)
         # per-structure sums over contiguous slices: the same float32 reduction as the
         # stock calculator's torch.sum, so batched energies equal single-structure ones
@@ -145,12 +146,12 @@ class SevenNetBackbone(Backbone):
         (grad,) = torch.autograd.grad(energy.sum(), edge_vec, create_graph=create_graph)
         n_atoms = batch.structure_index.shape[0]
         src_idx, dst_idx = data["edge_index"][0], data["edge_index"][1]
-        zeros = torch.zeros(n_atoms, 3, dtype=grad.dtype)
+        zeros = torch.zeros(n_atoms, 3, dtype=grad.dtype, device=grad.device)
         forces = zeros.index_add(0, src_idx, grad) - zeros.index_add(0, dst_idx, grad)
         stress = None
         if bool(batch.periodic.any()):
             edge_structure = batch.structure_index[src_idx]
-            virial = torch.zeros(batch.n_structures, 3, 3, dtype=grad.dtype).index_add(
+            virial = torch.zeros(batch.n_structures, 3, 3, dtype=grad.dtype, device=grad.device).index_add(
                 0, edge_structure, edge_vec.detach().unsqueeze(2) * grad.unsqueeze(1)
             )
             volume = torch.where(batch.periodic, src["cell_volume"], torch.ones_like(src["cell_volume"]))

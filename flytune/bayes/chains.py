@@ -30,6 +30,7 @@ from flytune.bayes.minibatch import draw_minibatch
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior
 from flytune.bayes.schedules import Schedule
+from flytune.bayes.tree import tree_to
 
 Params = dict[str, torch.Tensor]
 #: progress callback: (chain index, steps done in this run, mean log-likelihood per
@@ -71,6 +72,9 @@ class Chain:
             "interrupted": self.interrupted,
         }
 
+    def to(self, device: torch.device | str) -> Chain:
+        return Chain.from_state_dict(tree_to(self.state_dict(), device))
+
     @classmethod
     def from_state_dict(cls, state: dict) -> Chain:
         return cls(
@@ -110,8 +114,11 @@ class ChainJob:
 def log_posterior_fn(model: ProbabilisticModel, prior: GaussianPrior, num_data: int):
     """−Ũ(θ) = (1/N)·log p(θ) + Σ_b w_b·ℓ_{u_b}(θ) for a minibatch (graphs, labels, w)."""
 
+    device = next(model.parameters()).device
+
     def log_posterior(params: Params, batch):
         graphs, labels, weights = batch
+        graphs, labels, weights = graphs.to(device), labels.to(device), weights.to(device)
         pred = functional_call(model, params, (graphs,), {"create_graph": True})
         ll = model.log_likelihood(pred, labels, graphs)
         value = prior.log_prob(params) / num_data + (weights.to(ll.dtype) * ll).sum()
@@ -206,6 +213,13 @@ class SequentialRunner:
 
 
 # -- worker processes ------------------------------------------------------------------
+def worker_devices(device: str, workers: int) -> list[str]:
+    """Device of each worker: ``"cuda"`` spreads workers over the visible GPUs in turn."""
+    if device == "cuda" and torch.cuda.device_count() > 1:
+        return [f"cuda:{i % torch.cuda.device_count()}" for i in range(workers)]
+    return [device] * workers
+
+
 _WORKER: dict = {}
 
 
@@ -220,47 +234,54 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
-def _worker_init(spec_state: dict, threads: int, events, stop) -> None:
+def _worker_init(spec_state: dict, threads: int, events, stop, devices) -> None:
     torch.set_num_threads(threads)
-    _WORKER["model"] = ModelSpec.from_state_dict(spec_state).build()
-    _WORKER["events"], _WORKER["stop"] = events, stop
+    device = devices.get()  # one device per worker: cpu, or cuda:0, cuda:1, ...
+    _WORKER["model"] = ModelSpec.from_state_dict(spec_state).build(device)
+    _WORKER["device"], _WORKER["events"], _WORKER["stop"] = device, events, stop
 
 
 def _worker_run(prior_state: dict, data_state: dict, job: ChainJob, settings: SamplerSettings) -> dict:
-    model = _WORKER["model"]
-    events = _WORKER["events"]
+    """Run one job in a worker; tensors cross the process boundary on the CPU."""
+    model, device, events = _WORKER["model"], _WORKER["device"], _WORKER["events"]
     data = TrainingSet.from_state_dict(model.backbone, data_state)
-    prior = GaussianPrior.from_state_dict(prior_state)
+    prior = GaussianPrior.from_state_dict(tree_to(prior_state, device))
+    job = ChainJob(job.chain.to(device), job.schedule, job.priority, job.replace_samples)
 
     def progress(index: int, step: int, value: float) -> None:
         events.put((index, step, value))
 
     chain = run_chain(model, prior, data, job, settings, progress, _WORKER["stop"])
-    return chain.state_dict()
+    return tree_to(chain.state_dict(), "cpu")
 
 
 class ProcessRunner:
     """Runs chains in ``workers`` spawned processes, each holding its own model.
 
     Each worker uses ``threads`` torch threads (default: the cores divided among the
-    workers). Progress is relayed through a queue; a stop flag shared with the workers
-    ends every chain at its next step.
+    workers) and one device: the spec's, or with ``"cuda"`` one GPU per worker in turn.
+    Progress is relayed through a queue; a stop flag shared with the workers ends every
+    chain at its next step.
     """
 
     def __init__(self, spec: ModelSpec, workers: int, threads: int | None = None):
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // workers)
+        self.device = spec.device
         self._ctx = mp.get_context("spawn")
         self._manager = SyncManager(ctx=self._ctx)
         with _sigint_ignored():
             self._manager.start()
         self.events = self._manager.Queue()
         self.stop_event = self._manager.Event()
+        devices = self._manager.Queue()
+        for device in worker_devices(spec.device, workers):
+            devices.put(device)
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
             mp_context=self._ctx,
             initializer=_worker_init,
-            initargs=(spec.state_dict(), self.threads, self.events, self.stop_event),
+            initargs=(spec.state_dict(), self.threads, self.events, self.stop_event, devices),
         )
 
     def run(
@@ -273,7 +294,8 @@ class ProcessRunner:
         stop: StopFlag | None = None,
     ) -> list[Chain]:
         self.stop_event.clear()
-        prior_state, data_state = prior.state_dict(), data.state_dict()
+        prior_state, data_state = tree_to(prior.state_dict(), "cpu"), data.state_dict()
+        jobs = [ChainJob(j.chain.to("cpu"), j.schedule, j.priority, j.replace_samples) for j in jobs]
         with _sigint_ignored():  # workers are spawned on submit
             futures = [self._pool.submit(_worker_run, prior_state, data_state, j, settings) for j in jobs]
         while not all(f.done() for f in futures):
@@ -287,7 +309,7 @@ class ProcessRunner:
                 progress(*event)
         while progress is not None and not self.events.empty():
             progress(*self.events.get())
-        return [Chain.from_state_dict(f.result()) for f in futures]
+        return [Chain.from_state_dict(f.result()).to(self.device) for f in futures]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

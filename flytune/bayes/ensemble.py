@@ -9,6 +9,7 @@ for the energy, every force component and every stress component.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from flytune.bayes.dataset import TrainingSet
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior, random_start, transfer_prior, uninformative_prior
 from flytune.bayes.schedules import Schedule, cycle_schedule
+from flytune.bayes.tree import resolve_device, tree_to
 from flytune.config import ModelConfig, UncertaintyConfig
 from flytune.data import labels_of, same_composition
 from flytune.errors import FlytuneError
@@ -106,11 +108,7 @@ class Ensemble:
         cls, config: ModelConfig, uncertainty: UncertaintyConfig | None = None, seed: int = 0
     ) -> Ensemble:
         """M chains at the start of the posterior: θ0 (transfer) or random weights (uninformative)."""
-        from flytune.backbones import backbone_family
-
-        family = backbone_family(config.backbone)
-        config = config.resolved(family)
-        uncertainty = (uncertainty or UncertaintyConfig()).resolved(family)
+        config, uncertainty = _resolved(config, uncertainty)
         spec = model_spec(config, uncertainty)
         model = spec.build()
         if config.prior == "transfer":
@@ -123,13 +121,11 @@ class Ensemble:
         return cls(spec, config, uncertainty, prior, chains, model=model, seed=seed)
 
     @classmethod
-    def pretrained(cls, backbone: str, uncertainty: UncertaintyConfig | None = None) -> Ensemble:
+    def pretrained(
+        cls, backbone: str, uncertainty: UncertaintyConfig | None = None, device: str = "cpu"
+    ) -> Ensemble:
         """The pretrained model as a one-member ensemble, σ head at its initial value."""
-        from flytune.backbones import backbone_family
-
-        family = backbone_family(backbone)
-        config = ModelConfig(backbone=backbone).resolved(family)
-        uncertainty = (uncertainty or UncertaintyConfig()).resolved(family)
+        config, uncertainty = _resolved(ModelConfig(backbone=backbone, device=device), uncertainty)
         spec = model_spec(config, uncertainty)
         model = spec.build()
         prior = transfer_prior(model, config.sigma_prior)
@@ -166,13 +162,13 @@ class Ensemble:
         out = {"energy": ([], []), "forces": ([], []), "stress": ([], [])}
         for params in self.members:
             pred = functional_call(self.model, params, (batch,))
-            out["energy"][0].append(pred.energy.detach().double().numpy())
+            out["energy"][0].append(pred.energy.detach().double().cpu().numpy())
             out["energy"][1].append(np.full(len(structures), pred.energy_sigma**2))
-            out["forces"][0].append(pred.forces.detach().double().numpy())
-            sig2 = pred.force_sigma.detach().double().numpy() ** 2
+            out["forces"][0].append(pred.forces.detach().double().cpu().numpy())
+            sig2 = pred.force_sigma.detach().double().cpu().numpy() ** 2
             out["forces"][1].append(np.repeat(sig2[:, None], 3, axis=1))
             if pred.stress is not None:
-                out["stress"][0].append(pred.stress.detach().double().numpy())
+                out["stress"][0].append(pred.stress.detach().double().cpu().numpy())
                 out["stress"][1].append(np.full((len(structures), 3, 3), pred.stress_sigma**2))
         return batch, {k: (np.stack(m), np.stack(v)) for k, (m, v) in out.items() if m}
 
@@ -183,11 +179,11 @@ class Ensemble:
         stress = stress_var = None
         if "stress" in parts:
             stress, stress_var = combine(*parts["stress"])
-            nonperiodic = ~batch.periodic.numpy()
+            nonperiodic = ~batch.periodic.cpu().numpy()
             stress[nonperiodic] = np.nan
             stress_var[nonperiodic] = np.nan
         return EnsemblePrediction(
-            energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.numpy()
+            energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.cpu().numpy()
         )
 
     # -- data and offset ------------------------------------------------------------
@@ -283,14 +279,17 @@ class Ensemble:
         """Write everything needed to predict and to continue bit for bit (atomic replace)."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state_dict(), tmp)
+        torch.save(tree_to(self.state_dict(), "cpu"), tmp)
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, workers: int | None = None) -> Ensemble:
-        """Load a saved ensemble (``torch.load(weights_only=True)``: no code is unpickled)."""
+    def load(cls, path: str | os.PathLike, workers: int | None = None, device: str | None = None) -> Ensemble:
+        """Load a saved ensemble (``torch.load(weights_only=True)``: no code is unpickled).
+
+        ``workers`` and ``device`` override the saved settings (e.g. to continue on a GPU).
+        """
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, map_location="cpu")
         except FileNotFoundError:
             raise FlytuneError(f"model file {os.fspath(path)!r} not found; give a directory written by `flytune finetune`") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -298,17 +297,31 @@ class Ensemble:
         config = ModelConfig.model_validate(state["config"])
         if workers is not None:
             config = config.model_copy(update={"workers": workers})
+        if device is not None:
+            config = config.model_copy(update={"device": device})
+        spec = ModelSpec.from_state_dict(state["spec"])
+        spec = dataclasses.replace(spec, device=resolve_device(config.device))
         return cls(
-            ModelSpec.from_state_dict(state["spec"]),
+            spec,
             config,
             UncertaintyConfig.model_validate(state["uncertainty"]),
-            GaussianPrior.from_state_dict(state["prior"]),
-            [Chain.from_state_dict(c) for c in state["chains"]],
+            GaussianPrior.from_state_dict(tree_to(state["prior"], spec.device)),
+            [Chain.from_state_dict(c).to(spec.device) for c in state["chains"]],
             calibrator=Calibrator.from_state_dict(state["calibrator"]),
             energy_offset=state["energy_offset"],
             seed=int(state["seed"]),
             data_state=state["data"],
         )
+
+
+def _resolved(
+    config: ModelConfig, uncertainty: UncertaintyConfig | None
+) -> tuple[ModelConfig, UncertaintyConfig]:
+    """Both configurations with the backbone family's defaults filled in."""
+    from flytune.backbones import backbone_family
+
+    family = backbone_family(config.backbone)
+    return config.resolved(family), (uncertainty or UncertaintyConfig()).resolved(family)
 
 
 def model_spec(config: ModelConfig, uncertainty: UncertaintyConfig) -> ModelSpec:
@@ -320,4 +333,5 @@ def model_spec(config: ModelConfig, uncertainty: UncertaintyConfig) -> ModelSpec
         stress_sigma=config.stress_sigma,
         head_widths=tuple(config.head_widths),
         backbone_options=tuple(sorted(config.backbone_options.items())),
+        device=resolve_device(config.device),
     )

@@ -53,6 +53,9 @@ class LabelBatch:
     stress: torch.Tensor  # (S, 3, 3), zeros where absent
     has_stress: torch.Tensor  # (S,) bool
 
+    def to(self, device: torch.device | str) -> LabelBatch:
+        return LabelBatch(*(t.to(device) for t in (self.energy, self.forces, self.stress, self.has_stress)))
+
 
 @dataclass
 class MemberPrediction:
@@ -138,18 +141,21 @@ class ModelSpec:
     stress_sigma: float
     head_widths: tuple[int, ...] = (64, 16)
     backbone_options: tuple[tuple[str, object], ...] = ()
+    device: str = "cpu"
 
-    def build(self) -> ProbabilisticModel:
+    def build(self, device: str | None = None) -> ProbabilisticModel:
+        """The model on ``device`` (default: the spec's)."""
         from flytune.backbones import load_backbone
 
         backbone = load_backbone(self.backbone, **dict(self.backbone_options))
-        return ProbabilisticModel(
+        model = ProbabilisticModel(
             backbone,
             energy_sigma=self.energy_sigma,
             force_sigma0=self.force_sigma0,
             stress_sigma=self.stress_sigma,
             head_widths=self.head_widths,
         )
+        return model.to(device or self.device)
 
     def state_dict(self) -> dict:
         return {
@@ -159,6 +165,7 @@ class ModelSpec:
             "stress_sigma": self.stress_sigma,
             "head_widths": list(self.head_widths),
             "backbone_options": [list(kv) for kv in self.backbone_options],
+            "device": self.device,
         }
 
     @classmethod
@@ -170,4 +177,5 @@ class ModelSpec:
             stress_sigma=float(state["stress_sigma"]),
             head_widths=tuple(state["head_widths"]),
             backbone_options=tuple(tuple(kv) for kv in state["backbone_options"]),
+            device=state.get("device", "cpu"),
         )

@@ -56,7 +56,8 @@ def uninformative_prior(model: ProbabilisticModel, sigma_prior: float) -> Gaussi
 
 def random_start(model: ProbabilisticModel, seed: int) -> Params:
     """Randomly initialised backbone weights (architecture's own init) and a zero head."""
-    backbone = {f"backbone.{k}": v for k, v in model.backbone.random_parameters(seed).items()}
+    device = model.backbone.device
+    backbone = {f"backbone.{k}": v.to(device) for k, v in model.backbone.random_parameters(seed).items()}
     params = model.trainable_parameters()
     params.update(backbone)
     return params

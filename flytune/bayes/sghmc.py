@@ -110,7 +110,8 @@ def build(
             p = (1.0 - friction) * state.momenta[name] - friction * g
             if temperature > 0.0:
                 noise_std = temperature * torch.sqrt(2.0 / (lr * inv_mass * num_data))
-                noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype)
+                # drawn on the generator's device (the CPU) so that runs are reproducible anywhere
+                noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
                 p = p + friction * noise_std * noise
             new_params[name] = theta + lr * inv_mass * p
             new_momenta[name], new_v[name], new_m[name] = p, v, m_hat
