@@ -128,9 +128,19 @@ def test_mace_random_parameters(small_mace_file):
 
 def test_backbone_names():
     assert backbone_family("7net-0") == "nequip"
+    assert backbone_family("SevenNet-0") == "nequip"
     assert backbone_family("my.pth") == "nequip"
     assert backbone_family("mace-mp-medium.model") == "mace"
     with pytest.raises(FlytuneError, match="unknown backbone"):
         backbone_family("no-such-model")
     with pytest.raises(FlytuneError, match="not found"):
         load_backbone("missing.model")
+
+
+def test_sevennet_from_checkpoint_path(sevennet):
+    import sevenn._const
+
+    by_path = load_backbone(sevenn._const.SEVENNET_0_11Jul2024)
+    assert by_path.spec.endswith(".pth")
+    a, b = by_path.trainable_parameters(), sevennet.trainable_parameters()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -15,9 +15,9 @@ __all__ = ["Backbone", "BackboneOutput", "Graph", "GraphBatch", "load_backbone",
 
 
 def _looks_like_sevennet(spec: str) -> bool:
-    from flytune.backbones.sevennet import BUNDLED
+    from flytune.backbones.sevennet import is_bundled
 
-    return spec in BUNDLED or spec.endswith(".pth")
+    return is_bundled(spec) or spec.endswith(".pth")
 
 
 def backbone_family(spec: str) -> str:

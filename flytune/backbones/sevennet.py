@@ -24,8 +24,14 @@ from ase import Atoms
 from flytune.backbones.base import Backbone, BackboneOutput, Graph, GraphBatch, structure_index
 from flytune.errors import FlytuneError
 
-#: names the sevenn package resolves itself (bundled checkpoints)
-BUNDLED = ("7net-0", "SevenNet-0", "7net-0_11July2024", "7net-0_22May2024", "7net-l3i5")
+#: checkpoints shipped inside the sevenn wheel (names are case-insensitive, "sevennet-"
+#: may stand for "7net-"); other sevenn names would need a download and are refused
+BUNDLED = ("7net-0", "7net-0_11jul2024", "7net-0_11july2024", "7net-0_22may2024", "7net-l3i5", "7net-mf-0")
+
+
+def is_bundled(spec: str) -> bool:
+    name = spec.lower()
+    return (name.replace("sevennet-", "7net-", 1) if name.startswith("sevennet-") else name) in BUNDLED
 # the total-energy reduction is done here (see SevenNetBackbone.forward) and so is the
 # force/stress step
 _SKIPPED_MODULES = ("reduce_total_enegy", "force_output")
@@ -47,10 +53,10 @@ class SevenNetBackbone(Backbone):
         import sevenn.util
 
         _quiet_sevenn()
-        if spec not in BUNDLED and not os.path.isfile(spec):
+        if not is_bundled(spec) and not os.path.isfile(spec):
             raise FlytuneError(
-                f"SevenNet checkpoint {spec!r} not found; give '7net-0' or the path of a "
-                "SevenNet checkpoint (.pth)"
+                f"SevenNet checkpoint {spec!r} not found; give a model shipped with sevenn "
+                f"({', '.join(BUNDLED)}) or the path of a SevenNet checkpoint (.pth)"
             )
         try:
             checkpoint = sevenn.util.load_checkpoint(spec)

@@ -44,6 +44,8 @@ class StopFlag(Protocol):
 
 @dataclass
 class Chain:
+    """One Markov chain: sampler state, its own generator state, and its samples."""
+
     index: int
     state: sghmc.SGHMCState
     rng_state: torch.Tensor
@@ -53,15 +55,9 @@ class Chain:
 
     @classmethod
     def start(cls, index: int, params: Params, seed: int) -> Chain:
+        """Chain ``index`` at ``params``; its generator is seeded from (seed, index)."""
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        zeros = {k: torch.zeros_like(v) for k, v in params.items()}
-        state = sghmc.SGHMCState(
-            params={k: v.detach().clone() for k, v in params.items()},
-            momenta=zeros,
-            sq_grad_avg=dict(zeros),
-            sq_grad_max=dict(zeros),
-        )
-        return cls(index=index, state=state, rng_state=generator.get_state())
+        return cls(index=index, state=sghmc.init_state(params), rng_state=generator.get_state())
 
     def state_dict(self) -> dict:
         return {

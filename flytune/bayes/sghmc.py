@@ -56,6 +56,13 @@ class SGHMCState:
         return cls(**state)
 
 
+def init_state(params: Params) -> SGHMCState:
+    """Fresh state at ``params``: zero momentum and mass statistics, t = 0."""
+    params = {k: v.detach().clone() for k, v in params.items()}
+    zeros = lambda: {k: torch.zeros_like(v) for k, v in params.items()}  # noqa: E731
+    return SGHMCState(params=params, momenta=zeros(), sq_grad_avg=zeros(), sq_grad_max=zeros())
+
+
 class Transform(NamedTuple):
     init: Callable[[Params], SGHMCState]
     update: Callable[..., SGHMCState]
@@ -79,10 +86,7 @@ def build(
     if not 0.0 <= beta < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta}")
 
-    def init(params: Params) -> SGHMCState:
-        params = {k: v.detach().clone() for k, v in params.items()}
-        zeros = lambda: {k: torch.zeros_like(v) for k, v in params.items()}  # noqa: E731
-        return SGHMCState(params=params, momenta=zeros(), sq_grad_avg=zeros(), sq_grad_max=zeros())
+    init = init_state
 
     def update(
         state: SGHMCState,
