@@ -120,3 +120,27 @@ def test_device_setting_and_worker_devices():
         ModelConfig(device="gpu0")
     ens = Ensemble.from_config(ModelConfig(**SMALL, device="auto"), seed=0)
     assert str(ens.model.backbone.device).startswith(resolve_device("auto"))
+
+
+def test_uninformative_prior_starts_from_random_weights(ethanol_frames):
+    ens = Ensemble.from_config(ModelConfig(**SMALL, prior="uninformative"), seed=0)
+    assert ens.config.prior == "uninformative" and ens.prior.sigma == 1.0
+    assert all(torch.count_nonzero(c) == 0 for c in ens.prior.centre.values())
+    starts = [c.state.params for c in ens.chains]
+    key = "backbone.model.0_self_interaction_1.linear.weight"
+    assert not torch.equal(starts[0][key], starts[1][key])  # each chain its own random init
+    ens.update(ethanol_frames[:2])
+    assert np.isfinite(ens.predict(ethanol_frames[3]).energy).all()
+
+
+def test_mace_backbone_in_the_ensemble(small_mace_file, ethanol_frames, tmp_path):
+    config = ModelConfig(backbone=small_mace_file, chains=2, cycle_steps=5, batch_size=2)
+    ens = Ensemble.from_config(config, seed=0)
+    assert ens.config.sigma_prior == 0.5 and ens.config.eta_max == 1e-3  # MACE defaults
+    assert (ens.calibrator.shape, ens.calibrator.rate) == (1.5, 10.0)
+    ens.update(ethanol_frames[:3])
+    pred = ens.predict(ethanol_frames[4:6])
+    assert pred.energy.shape == (2,) and np.all(pred.forces_var > 0)
+    ens.save(tmp_path / "mace.pt")
+    loaded = Ensemble.load(tmp_path / "mace.pt")
+    np.testing.assert_array_equal(loaded.predict(ethanol_frames[4]).forces, ens.predict(ethanol_frames[4]).forces)
