@@ -253,6 +253,68 @@ def evaluate_cmd(
                  quiet=quiet, device=device)
 
 
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="TOML configuration (see `flytune init`)")],
+    quiet: Annotated[bool, typer.Option(help="no progress display (batch jobs)")] = False,
+) -> None:
+    """Run (or resume) on-the-fly fine-tuning MD; Ctrl-C checkpoints and exits."""
+    from flytune.otf.run import OnTheFlyRun
+    from flytune.progress import RunProgress, stop_on_sigint
+    from flytune.runconfig import load_run_config
+
+    cfg = load_run_config(config)
+    otf = OnTheFlyRun(cfg, log=lambda msg: console.print(msg, highlight=False))
+    otf.open()
+    try:
+        with stop_on_sigint() as stop, RunProgress(cfg.md.total_steps, cfg.md.timestep_fs, quiet, console) as bar:
+            summary = otf.advance(stop, bar)
+    finally:
+        otf.close()
+    print_summary(summary, cfg.run_dir)
+
+
+def print_summary(summary: dict, run_dir: str) -> None:
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
+    console.print(
+        f"{run_dir}: {summary['steps']} MD steps ({summary['simulated_ps']:.3f} ps), "
+        f"{summary['reference_calls']} reference calls, "
+        f"{fmt(summary['exceed_fraction'] and 100 * summary['exceed_fraction'], '.1f')} % of interventions above ε, "
+        f"RMSE at interventions {fmt(summary['rmse_at_interventions_kcal'], '.3f')} kcal/mol; "
+        f"wall time: MD {summary['time_md_s']:.0f} s, reference {summary['time_reference_s']:.0f} s, "
+        f"updates {summary['time_update_s']:.0f} s"
+        + (f"; stopped: {summary['stopped']}" if summary.get("stopped") else ""),
+        highlight=False,
+    )
+
+
+@app.command("status")
+def status_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")]) -> None:
+    """Print the summary of a run directory."""
+    path = run_dir / "summary.json"
+    if not path.exists():
+        raise FlytuneError(f"{str(run_dir)!r} has no summary.json; is it a flytune run directory?")
+    summary = json.loads(path.read_text())
+    print(json.dumps(summary, indent=2))
+    print_summary(summary, str(run_dir))
+
+
+@app.command("init")
+def init_cmd(
+    path: Annotated[Path, typer.Argument(help="where to write the example configuration")] = Path("flytune.toml"),
+    overwrite: bool = False,
+) -> None:
+    """Write a commented example configuration."""
+    from flytune.runconfig import EXAMPLE
+
+    if path.exists() and not overwrite:
+        raise FlytuneError(f"{str(path)!r} exists; choose another path or pass --overwrite")
+    path.write_text(EXAMPLE)
+    console.print(f"wrote {path}")
+
+
 @app.command("demo")
 def demo_cmd(
     data: Annotated[Optional[Path], typer.Option(help="sGDML ethanol CCSD(T) file")] = None,

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 
@@ -102,3 +102,90 @@ class OfflineConfig(_Strict):
         if v < 2:
             raise ValueError("initial_steps must be at least 2")
         return v
+
+
+class ReferenceConfig(_Strict):
+    """The reference calculator: a built-in name or an import path, with its options."""
+
+    name: str = "pyscf"
+    options: dict = Field(default_factory=dict, description="keyword arguments of the calculator")
+    retries: int = Field(2, ge=0, description="extra attempts after a failed call")
+    on_failure: Literal["stop", "skip"] = "stop"
+
+
+class Segment(_Strict):
+    """A piece of the temperature schedule: ``steps`` MD steps ending at ``temperature_K``
+    (reached linearly from the previous segment's end when ``ramp``, else held)."""
+
+    steps: PositiveInt
+    temperature_K: PositiveFloat
+    ramp: bool = False
+
+
+class MDConfig(_Strict):
+    driver: Literal["langevin", "verlet", "nose-hoover", "npt"] = "langevin"
+    timestep_fs: PositiveFloat = 0.5
+    temperature_K: PositiveFloat = 300.0
+    steps: PositiveInt = 20000
+    schedule: list[Segment] = Field(default_factory=list, description="overrides steps/temperature_K")
+    friction_per_fs: PositiveFloat = Field(0.01, description="Langevin friction, 1/fs")
+    tdamp_fs: PositiveFloat = Field(100.0, description="Nosé–Hoover / NPT thermostat time, fs")
+    pressure_bar: float = 1.0
+    pfactor: PositiveFloat | None = Field(None, description="NPT barostat parameter (ASE units); default from bulk modulus 100 GPa")
+    initial_velocities: bool = True
+    trajectory_every: PositiveInt = 10
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.schedule) if self.schedule else self.steps
+
+    def temperature_at(self, step: int) -> float:
+        """Target temperature (K) at MD step ``step`` (0-based) of the schedule."""
+        if not self.schedule:
+            return self.temperature_K
+        start, previous = 0, self.schedule[0].temperature_K
+        for seg in self.schedule:
+            if step < start + seg.steps:
+                if seg.ramp:
+                    return previous + (seg.temperature_K - previous) * (step - start + 1) / seg.steps
+                return seg.temperature_K
+            start, previous = start + seg.steps, seg.temperature_K
+        return self.schedule[-1].temperature_K
+
+
+class SafetyConfig(_Strict):
+    max_reference_calls: PositiveInt | None = None
+    min_steps_between_calls: int = Field(0, ge=0)
+    force_call_after: PositiveInt | None = None
+    max_temperature_K: PositiveFloat | None = Field(None, description="stop if the temperature exceeds this")
+    max_force_eV_A: PositiveFloat | None = Field(50.0, description="stop if any force exceeds this (eV/Å)")
+
+
+class RunConfig(_Strict):
+    """The whole on-the-fly run (``flytune run CONFIG.toml``)."""
+
+    structure: str
+    run_dir: str = "runs/flytune"
+    seed: int = 0
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
+    md: MDConfig = Field(default_factory=MDConfig)
+    safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    checkpoint_every: PositiveInt = Field(100, description="MD steps between periodic checkpoints")
+
+    #: settings that define a run: a run directory made with others cannot be resumed
+    IDENTITY: ClassVar[tuple[str, ...]] = (
+        "structure", "seed", "model.backbone", "model.chains", "model.prior", "model.sigma_prior",
+        "model.posterior", "model.head_widths", "reference.name", "md.driver", "md.timestep_fs",
+    )
+
+    def identity(self) -> dict:
+        dump = self.model_dump(mode="json")
+        out = {}
+        for key in self.IDENTITY:
+            value = dump
+            for part in key.split("."):
+                value = value[part]
+            out[key] = value
+        return out

@@ -76,3 +76,42 @@ class SamplingProgress:
     def __call__(self, chain: int, steps_done: int, mean_ll: float) -> None:
         self._done[chain] = steps_done
         self._progress.update(self._task, completed=self.completed, rate=self.rate, loss=f"{-mean_ll:.4g}")
+
+
+class RunProgress:
+    """Progress of an on-the-fly run: step, simulated time, reference calls, last P, T, ETA."""
+
+    def __init__(self, total_steps: int, timestep_fs: float, quiet: bool = False, console: Console | None = None):
+        self.timestep_fs = timestep_fs
+        self._progress = Progress(
+            TextColumn("[bold]MD"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[ps]:.3f} ps"),
+            TextColumn("calls {task.fields[calls]}"),
+            TextColumn("P {task.fields[prob]}"),
+            TextColumn("{task.fields[temperature]:.0f} K"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=quiet,
+        )
+        self._task = self._progress.add_task("md", total=total_steps, ps=0.0, calls=0, prob="-", temperature=0.0)
+
+    def __enter__(self) -> RunProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+    def __call__(self, run) -> None:
+        results = run.calc.results
+        self._progress.update(
+            self._task,
+            completed=run.dyn.nsteps,
+            ps=run.dyn.nsteps * self.timestep_fs / 1000,
+            calls=run.calc.state.reference_calls,
+            prob=f"{results.get('prob_exceed', float('nan')):.3f}",
+            temperature=run.atoms.get_temperature(),
+        )

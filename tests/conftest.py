@@ -136,3 +136,30 @@ def copper(seed: int) -> Atoms:
     atoms.rattle(0.05, seed=seed)
     atoms.set_cell(atoms.cell * 1.01, scale_atoms=True)
     return atoms
+
+
+class FailingCalculator(Calculator):
+    """EMT that fails after ``succeed_first`` calls: ``mode`` "raise", "nan", "noconv" (an SCF
+    that does not converge) or "ok" (never fails). Calls are counted over all instances."""
+
+    implemented_properties = ["energy", "forces", "stress"]
+    calls = 0
+
+    def __init__(self, mode: str = "raise", succeed_first: int = 2):
+        super().__init__()
+        self.mode, self.succeed_first = mode, succeed_first
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        FailingCalculator.calls += 1
+        emt = EMT()
+        emt.calculate(self.atoms, ["energy", "forces", "stress"], system_changes)
+        self.results = {k: np.array(v, copy=True) if k != "energy" else v for k, v in emt.results.items()}
+        if self.mode == "ok" or FailingCalculator.calls <= self.succeed_first:
+            return
+        if self.mode == "raise":
+            raise RuntimeError("segmentation fault in the reference program")
+        if self.mode == "nan":
+            self.results["forces"][0, 0] = np.nan
+        if self.mode == "noconv":
+            raise RuntimeError("SCF did not converge in 100 cycles")

@@ -294,6 +294,11 @@ class Ensemble:
             raise FlytuneError(f"model file {os.fspath(path)!r} not found; give a directory written by `flytune finetune`") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise FlytuneError(f"{os.fspath(path)!r} is not a flytune ensemble ({FORMAT})")
+        return cls.from_state_dict(state, workers, device)
+
+    @classmethod
+    def from_state_dict(cls, state: dict, workers: int | None = None, device: str | None = None) -> Ensemble:
+        """Rebuild from :meth:`state_dict` (tensors on any device)."""
         config = ModelConfig.model_validate(state["config"])
         if workers is not None:
             config = config.model_copy(update={"workers": workers})

@@ -6,8 +6,8 @@ which the sampler state is reset (mass statistics and momentum).
 
 - :func:`cycle_schedule` — one update after a new structure (on-the-fly):
   η_k = ½·η_max·(1 + cos(π(k−1)/K)) + 1e-8; τ_k = 0 for the noise-free start (k ≤ k₀,
-  k₀ = ⌊0.2·K⌋ − 2, i.e. k ≤ 398 of 2000), then a linear ramp to 1 over 5 % of K,
-  then 1. The sampler is reset before step 1; the sample is θ after step K.
+  k₀ = ⌊0.2·K⌋ − 2, i.e. k ≤ 398 of 2000), then a linear ramp to 1 over 5 % of K
+  (at least 10 steps), then 1. The sampler is reset before step 1; the sample is θ after step K.
 - :func:`offline_schedule` — fine-tuning on a fixed data set: a long initial phase whose
   step size decays exponentially from η_start to η_end (with the same noise-free start
   and ramp), giving the first sample, then ``cycles`` half-cosine cycles of length C
@@ -22,6 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 ETA_FLOOR = 1e-8
+#: the noise ramp lasts at least this many steps, so the mass statistics of parameters
+#: without data gradient (e.g. the zero-initialised σ head) adapt before full noise;
+#: a one-step ramp in a short cycle lets such parameters jump by α·sqrt(2η/(ε_m·N))
+#: and blows the σ head up. K = 2000 (ramp of 100 steps) is unaffected.
+MIN_RAMP_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -36,10 +41,11 @@ class Schedule:
 
 
 def noise_ramp(num_steps: int, noise_off: float = 0.2, ramp: float = 0.05) -> np.ndarray:
-    """τ_k for k = 1..K: 0 for k ≤ k₀ = ⌊noise_off·K⌋ − 2, linear to 1 over ramp·K steps, then 1."""
+    """τ_k for k = 1..K: 0 for k ≤ k₀ = ⌊noise_off·K⌋ − 2, linear to 1 over
+    max(ramp·K, MIN_RAMP_STEPS) steps, then 1."""
     k = np.arange(1, num_steps + 1, dtype=float)
     k0 = max(math.floor(noise_off * num_steps) - 2, 0)
-    width = max(ramp * num_steps, 1.0)
+    width = max(ramp * num_steps, MIN_RAMP_STEPS)
     return np.clip((k - k0) / width, 0.0, 1.0)
 
 

@@ -1,0 +1,1 @@
+"""The on-the-fly loop: ASE calculator, reference calculators, run directory and driver."""

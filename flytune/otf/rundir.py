@@ -1,0 +1,206 @@
+"""The run directory: the whole memory of an on-the-fly run.
+
+- ``labels.extxyz``: every labelled structure (raw and offset-corrected energy, forces,
+  stress, force call, time), appended and flushed as soon as the reference returns;
+  ``checkpoint/labels.jsonl`` holds the same records at full precision for replay;
+- ``steps.csv``: one row per force call; ``interventions.jsonl``: one per reference call;
+- ``trajectory.traj``: the MD trajectory (ASE); ``summary.json``; ``run_config.json``;
+- ``checkpoint/checkpoint.pt``: ensemble, calibrator, offset, calculator counters, MD
+  state and the lengths of every log, written atomically (write, fsync, rename).
+
+A resumed run truncates the logs to the checkpoint's lengths and replays the labels
+written after it, so no label is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.io import Trajectory, read, write
+
+from flytune.data import labelled
+from flytune.errors import FlytuneError
+from flytune.otf import faults
+
+STEP_COLUMNS = ["step", "force_call", "time_fs", "energy_eV", "energy_std_eV", "prob_exceed",
+                "reference_called", "temperature_K"]
+
+
+def _fsync_append(path: Path, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def label_record(atoms: Atoms) -> dict:
+    """A JSON-able, lossless record of a labelled structure (floats round-trip exactly)."""
+    res = atoms.calc.results
+    return {
+        "numbers": atoms.numbers.tolist(),
+        "positions": atoms.positions.tolist(),
+        "cell": np.asarray(atoms.cell).tolist(),
+        "pbc": atoms.pbc.tolist(),
+        "energy": float(res["energy"]),
+        "forces": np.asarray(res["forces"]).tolist(),
+        "stress": np.asarray(res["stress"]).tolist() if res.get("stress") is not None else None,
+        "info": {k: v for k, v in atoms.info.items() if isinstance(v, (int, float, str, bool))},
+    }
+
+
+def label_from_record(record: dict) -> Atoms:
+    atoms = Atoms(numbers=record["numbers"], positions=record["positions"], cell=record["cell"], pbc=record["pbc"])
+    atoms = labelled(atoms, record["energy"], record["forces"], record["stress"])
+    atoms.info.update(record["info"])
+    return atoms
+
+
+class RunDirectory:
+    """Files of one run; ``lock()`` refuses a second process on the same directory."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.labels = self.path / "labels.extxyz"
+        self.steps = self.path / "steps.csv"
+        self.interventions = self.path / "interventions.jsonl"
+        self.trajectory = self.path / "trajectory.traj"
+        self.summary = self.path / "summary.json"
+        self.config = self.path / "run_config.json"
+        self.checkpoint_dir = self.path / "checkpoint"
+        self.checkpoint = self.checkpoint_dir / "checkpoint.pt"
+        self.exact_labels = self.checkpoint_dir / "labels.jsonl"
+        self._lock_file = None
+
+    # -- lifecycle ------------------------------------------------------------------
+    def lock(self) -> None:
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise FlytuneError(
+                f"run directory {str(self.path)!r} is in use by {owner}; wait for it to finish or stop it"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"flytune pid {os.getpid()}")
+        handle.flush()
+        self._lock_file = handle
+
+    def unlock(self) -> None:
+        if self._lock_file is not None:
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+            self._lock_file.close()
+            self._lock_file = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.checkpoint.exists()
+
+    # -- appends --------------------------------------------------------------------
+    def append_label(self, atoms: Atoms) -> None:
+        """Record a labelled structure: the exact record first, then the extxyz copy."""
+        _fsync_append(self.exact_labels, json.dumps(label_record(atoms)) + "\n")
+        with open(self.labels, "a") as f:
+            write(f, atoms, format="extxyz")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append_step(self, row: dict) -> None:
+        new = not self.steps.exists()
+        with open(self.steps, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: row.get(k) for k in STEP_COLUMNS})
+
+    def append_intervention(self, record: dict) -> None:
+        _fsync_append(self.interventions, json.dumps(record) + "\n")
+
+    def append_frame(self, atoms: Atoms) -> None:
+        with Trajectory(self.trajectory, "a") as traj:
+            traj.write(atoms)
+
+    def write_json(self, path: Path, data: dict) -> None:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=2))
+        os.replace(tmp, path)
+
+    # -- checkpoint -----------------------------------------------------------------
+    def write_checkpoint(self, state: dict) -> None:
+        """Atomic: a kill leaves either the old or the new checkpoint, never half of one."""
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoint.with_name("checkpoint.pt.tmp")
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        faults.point("checkpoint-written")  # before the rename
+        os.replace(tmp, self.checkpoint)
+        dir_fd = os.open(self.checkpoint_dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def read_checkpoint(self) -> dict:
+        try:
+            return torch.load(self.checkpoint, weights_only=True, map_location="cpu")
+        except Exception as exc:
+            raise FlytuneError(f"cannot read the checkpoint of {str(self.path)!r} ({exc}); "
+                               "start a new run directory") from exc
+
+    # -- resume ---------------------------------------------------------------------
+    def read_exact_labels(self) -> list[Atoms]:
+        """Every complete label record (a line cut by a kill is dropped)."""
+        if not self.exact_labels.exists():
+            return []
+        records = []
+        for line in self.exact_labels.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return [label_from_record(r) for r in records]
+
+    def truncate(self, counts: dict) -> list[Atoms]:
+        """Cut every log back to the checkpoint's lengths; returns the labels after it.
+
+        ``counts``: ``labels``, ``steps`` (rows), ``interventions``, ``frames``.
+        """
+        labels = self.read_exact_labels()
+        _rewrite_lines(self.exact_labels, [json.dumps(label_record(a)) for a in labels])
+        if self.labels.exists() or labels:
+            tmp = self.labels.with_name("labels.extxyz.tmp")
+            write(tmp, labels, format="extxyz") if labels else tmp.write_text("")
+            os.replace(tmp, self.labels)
+        if self.steps.exists():
+            lines = self.steps.read_text().splitlines()
+            _rewrite_lines(self.steps, lines[: counts["steps"] + 1])
+        if self.interventions.exists():
+            _rewrite_lines(self.interventions, self.interventions.read_text().splitlines()[: counts["interventions"]])
+        if self.trajectory.exists():
+            frames = read(self.trajectory, index=":")[: counts["frames"]]
+            tmp = self.trajectory.with_name("trajectory.traj.tmp")
+            tmp.unlink(missing_ok=True)
+            with Trajectory(tmp, "w") as traj:
+                for frame in frames:
+                    traj.write(frame)
+            os.replace(tmp, self.trajectory)
+        return labels[counts["labels"]:]
+
+
+def _rewrite_lines(path: Path, lines: list[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)

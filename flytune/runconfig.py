@@ -1,0 +1,106 @@
+"""Reading ``flytune run`` configuration files (TOML) with one-line, actionable errors."""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from flytune.config import RunConfig
+from flytune.errors import FlytuneError
+
+EXAMPLE = '''\
+# flytune on-the-fly run. Every setting not given takes the method's default.
+structure = "ethanol.xyz"      # any ASE-readable file; the last frame is used
+run_dir = "runs/ethanol"       # created; running the same command again resumes
+seed = 1
+
+[model]
+backbone = "7net-0"            # or a SevenNet checkpoint (.pth) / MACE model file
+posterior = "sghmc"
+chains = 8                     # M; 4 is the fast setting
+cycle_steps = 2000             # SGHMC steps per update (K)
+workers = 2                    # processes running chains (one per core or GPU)
+# device = "cpu"               # cpu | cuda | cuda:N | auto
+
+[reference]
+name = "pyscf"                 # pyscf | tblite | cp2k | an import path "module:Class"
+retries = 2                    # extra attempts after a failed call
+on_failure = "stop"            # stop | skip (continue with the model)
+[reference.options]            # keyword arguments of the calculator
+xc = "b3lyp"
+basis = "6-31g*"
+density_fit = true
+
+[uncertainty]
+threshold = 0.5                # ε
+threshold_unit = "kcal/mol"    # or "eV"
+confidence = 0.95              # call the reference when P(|e| > ε) > 5 %
+
+[md]
+driver = "langevin"            # langevin | verlet | nose-hoover | npt
+timestep_fs = 0.5
+temperature_K = 300
+steps = 20000
+friction_per_fs = 0.01
+# schedule = [{steps = 2000, temperature_K = 300}, {steps = 2000, temperature_K = 800, ramp = true}]
+
+[safety]
+# max_reference_calls = 500
+min_steps_between_calls = 0
+# force_call_after = 2000
+# max_temperature_K = 2000
+max_force_eV_A = 50
+'''
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def validation_message(exc: ValidationError, model: type[BaseModel]) -> str:
+    """The first error as one line, with a "did you mean" for misspelt keys."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    if err["type"] == "extra_forbidden":
+        names = _field_names(model, err["loc"])
+        close = difflib.get_close_matches(str(err["loc"][-1]), names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(names)}"
+        return f"unknown key {where!r}{hint}"
+    if err["type"] == "missing":
+        return f"missing required key {where!r}"
+    return f"invalid {where} = {err.get('input')!r}: {err['msg']}"
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """Parse and validate a run configuration; relative paths are taken from the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlytuneError(f"config file {str(path)!r} not found; write one with `flytune init {path}`")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise FlytuneError(f"{path}: malformed TOML ({exc})") from None
+    try:
+        config = RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise FlytuneError(f"{path}: {validation_message(exc, RunConfig)}") from None
+    base = path.resolve().parent
+    updates = {}
+    for key in ("structure", "run_dir"):
+        value = Path(getattr(config, key))
+        if not value.is_absolute():
+            updates[key] = str(base / value)
+    backbone = base / config.model.backbone
+    if not Path(config.model.backbone).is_absolute() and backbone.is_file():  # a model file next to the config
+        updates["model"] = config.model.model_copy(update={"backbone": str(backbone)})
+    return config.model_copy(update=updates)

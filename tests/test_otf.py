@@ -1,0 +1,282 @@
+"""The on-the-fly loop: calculator, run directory, restart after SIGKILL, failures, config."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.io import read, write
+from ase.md.verlet import VelocityVerlet
+from ase import units
+
+from conftest import FailingCalculator, build_small_mace
+from flytune.bayes.ensemble import Ensemble
+from flytune.config import ModelConfig, UncertaintyConfig
+from flytune.errors import FlytuneError
+from flytune.otf.calculator import OnTheFlyCalculator, SafetyNets
+from flytune.otf.reference import make_reference
+from flytune.otf.run import run
+from flytune.runconfig import load_run_config
+
+CONFIG = """
+structure = "cu4.xyz"
+run_dir = "{run_dir}"
+seed = 3
+checkpoint_every = 4
+[model]
+backbone = "cu.model"
+chains = 2
+cycle_steps = 12
+batch_size = 2
+eta_max = 1e-3
+[reference]
+name = "{reference}"
+{reference_extra}
+[uncertainty]
+threshold = 0.05
+[md]
+driver = "langevin"
+timestep_fs = 2.0
+temperature_K = 500
+steps = {steps}
+trajectory_every = 3
+[safety]
+force_call_after = 3
+"""
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("otf")
+    build_small_mace(path / "cu.model", numbers=(1, 6, 8, 29))
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.1, seed=3)
+    write(path / "cu4.xyz", atoms)
+    return path
+
+
+def write_config(workdir, name, steps=15, reference="ase.calculators.emt:EMT", reference_extra="", **extra):
+    text = CONFIG.format(run_dir=name, steps=steps, reference=reference, reference_extra=reference_extra)
+    for key, value in extra.items():
+        text = text.replace(key, value)
+    path = workdir / f"{name}.toml"
+    path.write_text(text)
+    return path
+
+
+# -- the calculator under an ASE driver -------------------------------------------------
+def test_calculator_under_velocity_verlet(workdir):
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05), seed=0,
+    )
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              safety=SafetyNets(force_call_after=4))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    dyn = VelocityVerlet(atoms, 2 * units.fs)
+    seen = []
+
+    def check():
+        res = calc.results
+        seen.append(res["reference_called"])
+        if res["reference_called"]:
+            emt = atoms.copy()
+            emt.calc = EMT()
+            # the MD got the reference forces and the offset-corrected reference energy
+            np.testing.assert_allclose(res["forces"], emt.get_forces(), atol=1e-10)
+            assert res["energy"] == pytest.approx(emt.get_potential_energy() + ensemble.energy_offset, abs=1e-10)
+            np.testing.assert_allclose(res["stress"], emt.get_stress(), atol=1e-10)
+        assert res["energy_std"] > 0 and 0 <= res["prob_exceed"] <= 1
+
+    dyn.attach(check, interval=1)
+    dyn.run(12)
+    assert seen[0] is True  # the first structure is always labelled
+    assert calc.state.reference_calls == sum(seen) >= 3
+    assert len(ensemble.data) == calc.state.reference_calls
+    first = ensemble.data.structures[0]
+    assert ensemble.energy_offset == pytest.approx(ensemble.pretrained_energy(first) - first.get_potential_energy())
+    assert ensemble.calibrator.n == calc.state.reference_calls - 1  # the first is not an error sample
+
+
+def test_composition_change_is_refused(workdir):
+    ensemble = Ensemble.from_config(ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12), seed=0)
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    atoms.get_forces()
+    smaller = atoms[:3]
+    smaller.calc = calc
+    with pytest.raises(FlytuneError, match="composition changed"):
+        smaller.get_forces()
+
+
+# -- run directory, restart ------------------------------------------------------------
+def run_cli(workdir, config, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "flytune", "run", str(config), "--quiet"], cwd=workdir,
+                          env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def labels_of(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "checkpoint" / "labels.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(workdir):
+    config = write_config(workdir, "full")
+    result = run_cli(workdir, config)
+    assert result.returncode == 0, result.stderr
+    return workdir / "full"
+
+
+def test_run_directory_contents(uninterrupted):
+    rd = uninterrupted
+    summary = json.loads((rd / "summary.json").read_text())
+    for key in ("steps", "reference_calls", "exceed_fraction", "rmse_at_interventions_eV",
+                "time_md_s", "time_reference_s", "time_update_s"):
+        assert key in summary
+    assert summary["steps"] == 15 and summary["reference_calls"] >= 5
+    labels = read(rd / "labels.extxyz", index=":")
+    assert len(labels) == summary["reference_calls"] == len(labels_of(rd))
+    assert all("energy_raw" in a.info and "step" in a.info for a in labels)
+    steps = (rd / "steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + summary["force_calls"]
+    interventions = (rd / "interventions.jsonl").read_text().splitlines()
+    assert len(interventions) == summary["reference_calls"]
+    assert {"error", "energy_std", "calibrated_std", "shape", "rate", "reference_s", "update_s"} <= set(json.loads(interventions[1]))
+    assert len(read(rd / "trajectory.traj", index=":")) == 1 + 15 // 3
+    assert (rd / "model.pt").exists()
+
+
+@pytest.mark.parametrize("kill_at", ["label-written:3", "mid-update:4", "checkpoint-written:5", "checkpoint-written:2"])
+def test_sigkill_and_resume_loses_and_duplicates_nothing(workdir, uninterrupted, kill_at):
+    name = "kill_" + kill_at.replace(":", "_").replace("-", "_")
+    config = write_config(workdir, name)
+    killed = run_cli(workdir, config, {"FLYTUNE_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr  # it really died at the fault point
+    resumed = run_cli(workdir, config)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    expected, got = labels_of(uninterrupted), labels_of(workdir / name)
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got):
+        assert a["positions"] == b["positions"] and a["energy"] == b["energy"] and a["forces"] == b["forces"]
+    assert len(read(workdir / name / "labels.extxyz", index=":")) == len(expected)
+    steps_full = (uninterrupted / "steps.csv").read_text().splitlines()
+    steps_resumed = (workdir / name / "steps.csv").read_text().splitlines()
+    assert [r.split(",")[:7] for r in steps_full] == [r.split(",")[:7] for r in steps_resumed]
+    summary = json.loads((workdir / name / "summary.json").read_text())
+    assert summary["reference_calls"] == len(expected)
+
+
+def test_second_process_is_refused(workdir):
+    from flytune.otf.rundir import RunDirectory
+
+    holder = RunDirectory(workdir / "locked")
+    holder.lock()
+    try:
+        config = write_config(workdir, "locked")
+        result = run_cli(workdir, config)
+        assert result.returncode == 2 and "in use" in result.stderr
+    finally:
+        holder.unlock()
+
+
+# -- reference failures ----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["raise", "nan", "noconv"])
+def test_reference_failure_retries_then_stops_with_checkpoint(workdir, mode):
+    name = f"fail_{mode}"
+    extra = f'retries = 2\n[reference.options]\nmode = "{mode}"\nsucceed_first = 2\n'
+    path = write_config(workdir, name, reference="conftest:FailingCalculator", reference_extra=extra)
+    FailingCalculator.calls = 0
+    with pytest.raises(FlytuneError, match="after 3 attempts") as info:
+        run(load_run_config(path), log=lambda m: None)
+    message = str(info.value)
+    assert "checkpoint is intact" in message and "Cu4" in message
+    assert FailingCalculator.calls == 2 + 3  # two good calls, then 1 try + 2 retries
+    labels = labels_of(workdir / name)
+    assert len(labels) == 2 and len(read(workdir / name / "labels.extxyz", index=":")) == 2
+    summary = json.loads((workdir / name / "summary.json").read_text())
+    assert summary["stopped"].startswith("reference failure")
+    # the fixed reference resumes the run from the intact checkpoint and keeps both labels
+    path.write_text(path.read_text().replace(f'mode = "{mode}"', 'mode = "ok"'))
+    logs = []
+    summary = run(load_run_config(path), log=logs.append)
+    assert any("resuming" in line for line in logs)
+    assert summary["steps"] == 15 and summary["stopped"] is None
+    assert labels_of(workdir / name)[:2] == labels
+
+
+def test_reference_failure_skip_policy(workdir):
+    extra = 'retries = 1\non_failure = "skip"\n[reference.options]\nmode = "raise"\nsucceed_first = 2\n'
+    path = write_config(workdir, "fail_skip", reference="conftest:FailingCalculator", reference_extra=extra)
+    FailingCalculator.calls = 0
+    summary = run(load_run_config(path), log=lambda m: None)
+    assert summary["steps"] == 15 and summary["reference_calls"] == 2
+    assert summary["skipped_reference_failures"] >= 1
+
+
+# -- configuration ---------------------------------------------------------------------
+BAD = [
+    ("malformed", lambda t: t.replace("seed = 3", "seed = = 3"), "malformed TOML"),
+    ("unknown_key", lambda t: t.replace("chains = 2", "chians = 2"), "did you mean 'chains'"),
+    ("unknown_top", lambda t: t.replace("seed = 3", "sed = 3"), "did you mean 'seed'"),
+    ("no_structure", lambda t: t.replace('"cu4.xyz"', '"missing.xyz"'), "not found"),
+    ("empty_structure", lambda t: t.replace('"cu4.xyz"', '"empty.xyz"'), "no atoms"),
+    ("element", lambda t: t.replace('"cu4.xyz"', '"gold.xyz"'), "Au"),
+    ("reference_name", lambda t: t.replace("ase.calculators.emt:EMT", "nosuchcode"), "neither one of"),
+    ("cp2k_missing", lambda t: t.replace("ase.calculators.emt:EMT", "cp2k"), "apt-get install cp2k"),
+    ("epsilon", lambda t: t.replace("threshold = 0.05", "threshold = 0"), "threshold"),
+    ("epsilon_negative", lambda t: t.replace("threshold = 0.05", "threshold = -1"), "threshold"),
+    ("timestep", lambda t: t.replace("timestep_fs = 2.0", "timestep_fs = 0"), "timestep_fs"),
+]
+
+
+@pytest.mark.parametrize("case,edit,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_one_line_exit_2(workdir, case, edit, message, monkeypatch, capsys):
+    from flytune.cli import main
+
+    if case == "cp2k_missing" and any(os.path.exists(os.path.join(p, "cp2k_shell")) for p in os.environ["PATH"].split(":")):
+        pytest.fail("cp2k is installed here: this case needs a machine without it")
+    write(workdir / "gold.xyz", bulk("Au", "fcc", a=4.08))
+    (workdir / "empty.xyz").write_text("0\n\n")
+    path = workdir / f"bad_{case}.toml"
+    path.write_text(edit(CONFIG.format(run_dir=f"bad_{case}", steps=5, reference="ase.calculators.emt:EMT",
+                                       reference_extra="")))
+    monkeypatch.setattr(sys, "argv", ["flytune", "run", str(path), "--quiet"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_info.value.code == 2
+    assert len(lines) == 1 and message in lines[0], err
+    assert not (workdir / f"bad_{case}" / "checkpoint" / "checkpoint.pt").exists()
+
+
+def test_different_config_cannot_resume(workdir, uninterrupted, monkeypatch, capsys):
+    from flytune.cli import main
+
+    path = write_config(workdir, "full")
+    path.write_text(path.read_text().replace("chains = 2", "chains = 3"))
+    monkeypatch.setattr(sys, "argv", ["flytune", "run", str(path), "--quiet"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "different config" in capsys.readouterr().err
+
+
+def test_changed_threshold_takes_effect_on_resume(workdir):
+    path = write_config(workdir, "retune", steps=6)
+    run(load_run_config(path), log=lambda m: None)
+    path.write_text(path.read_text().replace("threshold = 0.05", "threshold = 0.2").replace("steps = 6", "steps = 9"))
+    logs = []
+    summary = run(load_run_config(path), log=logs.append)
+    assert any("threshold changed from 0.05 to 0.2" in line for line in logs)
+    assert summary["steps"] == 9
+    assert summary["threshold_eV"] == pytest.approx(0.2 * 0.0433641, rel=1e-4)
