@@ -280,3 +280,33 @@ def test_changed_threshold_takes_effect_on_resume(workdir):
     assert any("threshold changed from 0.05 to 0.2" in line for line in logs)
     assert summary["steps"] == 9
     assert summary["threshold_eV"] == pytest.approx(0.2 * 0.0433641, rel=1e-4)
+
+
+@pytest.mark.parametrize("driver", ["verlet", "nose-hoover", "npt"])
+def test_drivers_resume_exactly(workdir, driver):
+    """A run stopped half-way (as by Ctrl-C) and resumed equals an uninterrupted one,
+    thermostat and barostat state included, along a temperature schedule."""
+    import threading
+
+    schedule = 'schedule = [{steps = 3, temperature_K = 300}, {steps = 3, temperature_K = 600, ramp = true}]'
+    paths = {}
+    for name in ("full", "split"):
+        path = write_config(workdir, f"{driver}_{name}", steps=6)
+        path.write_text(path.read_text().replace('driver = "langevin"', f'driver = "{driver}"')
+                        .replace("steps = 6\n", f"steps = 6\n{schedule}\n"))
+        paths[name] = load_run_config(path)
+    run(paths["full"], log=lambda m: None)
+    stop = threading.Event()
+    first = run(paths["split"], log=lambda m: None, stop=stop,
+                on_progress=lambda r: stop.set() if r.dyn.nsteps == 3 else None)
+    assert first["steps"] == 3 and first["stopped"] == "interrupted"
+    summary = run(paths["split"], log=lambda m: None)
+    assert summary["steps"] == 6
+    full, resumed = workdir / f"{driver}_full", workdir / f"{driver}_split"
+    assert labels_of(full) == labels_of(resumed)
+    rows = lambda d: [r.split(",") for r in (d / "steps.csv").read_text().splitlines()[1:]]  # noqa: E731
+    assert rows(full) == rows(resumed)
+    frames = read(full / "trajectory.traj", index=":")
+    assert len(frames) == 3
+    if driver == "npt":
+        assert not np.allclose(frames[0].cell, frames[-1].cell)  # the barostat moved the cell

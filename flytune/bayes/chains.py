@@ -230,8 +230,26 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _exit_with_parent() -> None:
+    """In a helper process: exit as soon as the parent dies (even by SIGKILL), so that a
+    killed run leaves no orphans burning the cores of the resumed one."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker_init(spec_state: dict, threads: int, events, stop, devices) -> None:
+    _exit_with_parent()
     torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as flytune.bayes.ensemble.reproducible
     device = devices.get()  # one device per worker: cpu, or cuda:0, cuda:1, ...
     _WORKER["model"] = ModelSpec.from_state_dict(spec_state).build(device)
     _WORKER["device"], _WORKER["events"], _WORKER["stop"] = device, events, stop
@@ -267,7 +285,7 @@ class ProcessRunner:
         self._ctx = mp.get_context("spawn")
         self._manager = SyncManager(ctx=self._ctx)
         with _sigint_ignored():
-            self._manager.start()
+            self._manager.start(_exit_with_parent)
         self.events = self._manager.Queue()
         self.stop_event = self._manager.Event()
         devices = self._manager.Queue()

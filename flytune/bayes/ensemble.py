@@ -66,8 +66,21 @@ def combine(means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.nd
     return means.mean(axis=0), epistemic + variances.mean(axis=0)
 
 
+def reproducible() -> None:
+    """Make torch's CPU kernels deterministic (scatter/index_add sums in a fixed order).
+
+    With several threads SevenNet's forces otherwise differ from call to call in the last
+    bits (about 1e-6 eV/Å), so an MD run could not be repeated or resumed exactly. The
+    cost measured here is nil. Called by every :class:`Ensemble` and worker process.
+    """
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 class Ensemble:
-    """M SGHMC chains sharing a prior, a data set, an energy offset and a calibrator."""
+    """M SGHMC chains sharing a prior, a data set, an energy offset and a calibrator.
+
+    Creating one switches torch to deterministic algorithms (:func:`reproducible`).
+    """
 
     def __init__(
         self,
@@ -83,6 +96,7 @@ class Ensemble:
         seed: int = 0,
         data_state: dict | None = None,
     ):
+        reproducible()
         self.spec = spec
         self.config = config
         self.uncertainty = uncertainty

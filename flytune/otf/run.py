@@ -52,7 +52,10 @@ def make_dynamics(md: MDConfig, atoms: Atoms, seed: int) -> MolecularDynamics:
         from ase.md.nose_hoover_chain import NoseHooverChainNVT
 
         return NoseHooverChainNVT(atoms, dt, temperature_K=temperature, tdamp=md.tdamp_fs * units.fs)
-    from ase.md.npt import NPT
+    try:
+        from ase.md.melchionna import MelchionnaNPT as NPT
+    except ImportError:  # ASE < 3.26
+        from ase.md.npt import NPT
 
     if not atoms.pbc.all():
         raise FlytuneError("driver 'npt' needs a periodic structure; use langevin or nose-hoover for molecules")
@@ -83,8 +86,8 @@ def dynamics_state(dyn: MolecularDynamics) -> dict:
                 continue
             if isinstance(value, np.ndarray) and value.dtype.kind == "f":
                 state["values"][prefix + key] = value.tolist()
-            elif isinstance(value, float):
-                state["values"][prefix + key] = value
+            elif isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+                state["values"][prefix + key] = value.item() if hasattr(value, "item") else value
     rng = getattr(dyn, "rng", None)
     if isinstance(rng, np.random.Generator):
         state["rng"] = rng.bit_generator.state
@@ -187,13 +190,13 @@ class OnTheFlyRun:
             self._apply_changed_settings()
             atoms = self.structure.copy()
             md = ck["md"]
+            self.dyn = make_dynamics(c.md, atoms, c.seed)  # before the state: some drivers touch it
             atoms.positions, atoms.cell = np.asarray(md["positions"]), np.asarray(md["cell"])
-            atoms.set_momenta(np.asarray(md["momenta"]))
+            atoms.set_momenta(np.asarray(md["momenta"]), apply_constraint=False)
+            restore_dynamics(self.dyn, md["dynamics"])
             self.atoms = atoms
             self.calc = self._calculator()
             self.calc.load_state_dict(ck["calculator"], atoms)
-            self.dyn = make_dynamics(c.md, atoms, c.seed)
-            restore_dynamics(self.dyn, md["dynamics"])
             self.frames = ck["counts"]["frames"]
             self.wall_before = ck["wall_s"]
             pending = self.rd.truncate(ck["counts"])
@@ -282,8 +285,10 @@ class OnTheFlyRun:
         total = c.md.total_steps
         stopped = None
         try:
-            if self.dyn.nsteps == 0 and self.calc.state.force_calls == 0:
+            if self.dyn.nsteps == 0 and self.frames == 0:
                 self.atoms.get_forces()  # the first structure: always labelled
+                if getattr(self.dyn, "initialized", True) == 0:
+                    self.dyn.initialize()  # Melchionna NPT is not self-starting
                 self._record_frame()
                 self.checkpoint()
             while self.dyn.nsteps < total:

@@ -1,0 +1,72 @@
+"""Reference calculators: units, fresh calls, warm starts, periodic cells, failures."""
+
+import numpy as np
+import pytest
+from ase import Atoms, units
+from ase.build import bulk, molecule
+
+from conftest import FailingCalculator
+from flytune.errors import FlytuneError
+from flytune.otf.reference import ReferenceFailure, make_reference
+
+
+def test_pyscf_energy_forces_in_ev_and_warm_start():
+    from pyscf import gto, scf
+
+    water = molecule("H2O")
+    ref = make_reference("pyscf", {"method": "hf", "basis": "sto-3g", "density_fit": False})
+    result = ref.compute(water)
+    mol = gto.M(atom=list(zip(water.get_chemical_symbols(), water.positions.tolist())), unit="Angstrom",
+                basis="sto-3g", verbose=0)
+    mf = scf.RHF(mol)
+    energy = mf.kernel()
+    gradient = mf.nuc_grad_method().kernel()
+    assert result.energy == pytest.approx(energy * units.Hartree, abs=1e-6)
+    np.testing.assert_allclose(result.forces, -gradient * units.Hartree / units.Bohr, atol=1e-5)
+    calc = ref.factory()
+    assert calc._dm is not None  # the next SCF starts from this density matrix
+    moved = water.copy()
+    moved.positions[0, 2] += 0.05
+    again = ref.compute(moved)
+    assert again.energy != result.energy  # computed afresh, not a cached result
+
+
+def test_pyscf_refuses_periodic_cells():
+    with pytest.raises(FlytuneError, match="molecules only"):
+        make_reference("pyscf", {"method": "hf", "basis": "sto-3g"}).compute(bulk("Si"))
+
+
+def test_tblite_molecule_and_periodic_cell_with_stress():
+    ethanol = molecule("CH3CH2OH")
+    result = make_reference("tblite", {"method": "GFN2-xTB"}).compute(ethanol)
+    assert result.stress is None and result.forces.shape == (9, 3)
+    # forces are the negative energy gradient
+    ref = make_reference("tblite", {"method": "GFN2-xTB"})
+    h = 1e-4
+    plus, minus = ethanol.copy(), ethanol.copy()
+    plus.positions[2, 0] += h
+    minus.positions[2, 0] -= h
+    fd = -(ref.compute(plus).energy - ref.compute(minus).energy) / (2 * h)
+    assert fd == pytest.approx(result.forces[2, 0], abs=1e-3)
+    si = bulk("Si", "diamond", a=5.43)
+    periodic = make_reference("tblite", {"method": "GFN1-xTB"}).compute(si)
+    assert periodic.stress.shape == (3, 3) and np.all(np.isfinite(periodic.stress))
+
+
+def test_retries_count_and_message():
+    FailingCalculator.calls = 0
+    ref = make_reference("conftest:FailingCalculator", {"mode": "noconv", "succeed_first": 1}, retries=1)
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]])
+    assert np.isfinite(ref.compute(atoms).energy)
+    with pytest.raises(ReferenceFailure, match="Cu2 after 2 attempts.*did not converge"):
+        ref.compute(atoms)
+    assert FailingCalculator.calls == 3
+    FailingCalculator.calls = 0
+    flaky = make_reference("conftest:FailingCalculator", {"mode": "raise", "succeed_first": 0}, retries=0)
+    with pytest.raises(ReferenceFailure, match="segmentation fault"):
+        flaky.compute(atoms)
+
+
+def test_unknown_and_missing_references():
+    with pytest.raises(FlytuneError, match="neither one of"):
+        make_reference("no.such.module:Calc")
