@@ -310,3 +310,22 @@ def test_drivers_resume_exactly(workdir, driver):
     assert len(frames) == 3
     if driver == "npt":
         assert not np.allclose(frames[0].cell, frames[-1].cell)  # the barostat moved the cell
+
+
+def test_init_writes_a_valid_commented_config_and_status_prints(workdir, uninterrupted, monkeypatch, capsys):
+    from flytune.cli import main
+
+    path = workdir / "example.toml"
+    monkeypatch.setattr(sys, "argv", ["flytune", "init", str(path)])
+    main()
+    text = path.read_text()
+    assert text.count("#") > 10
+    (workdir / "ethanol.xyz").write_text("")
+    config = load_run_config(path)
+    assert config.model.backbone == "7net-0" and config.reference.name == "pyscf"
+    assert config.uncertainty.threshold == 0.5 and config.md.driver == "langevin"
+    monkeypatch.setattr(sys, "argv", ["flytune", "status", str(uninterrupted)])
+    main()
+    out = capsys.readouterr()
+    assert json.loads(out.out)["steps"] == 15
+    assert "reference calls" in out.err
