@@ -287,6 +287,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
         f"updates {summary['time_update_s']:.0f} s"
         + (f"; stopped: {summary['stopped']}" if summary.get("stopped") else ""),
         highlight=False,
+        soft_wrap=True,
     )
 
 
