@@ -329,3 +329,31 @@ def test_init_writes_a_valid_commented_config_and_status_prints(workdir, uninter
     out = capsys.readouterr()
     assert json.loads(out.out)["steps"] == 15
     assert "reference calls" in out.err
+
+
+def test_calculator_under_an_optimiser_and_neb(workdir):
+    from ase.mep import NEB
+    from ase.optimize import BFGS
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05), seed=0,
+    )
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              safety=SafetyNets(force_call_after=5))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    BFGS(atoms, logfile=None).run(fmax=1e-8, steps=6)
+    assert calc.state.force_calls >= 6 and calc.state.reference_calls >= 2
+    # NEB: three images share the calculator (each image is predicted in turn)
+    start, end = atoms.copy(), atoms.copy()
+    end.positions[0] += [0.2, 0.0, 0.0]
+    images = [start, start.copy(), end]
+    for image in images:
+        image.calc = calc
+    neb = NEB(images, allow_shared_calculator=True)
+    neb.interpolate()
+    calls = calc.state.force_calls
+    BFGS(neb, logfile=None).run(fmax=0.05, steps=2)
+    assert calc.state.force_calls > calls
+    assert np.all(np.isfinite(images[1].get_forces()))
