@@ -351,7 +351,7 @@ def test_calculator_under_an_optimiser_and_neb(workdir):
     images = [start, start.copy(), end]
     for image in images:
         image.calc = calc
-    neb = NEB(images, allow_shared_calculator=True)
+    neb = NEB(images, allow_shared_calculator=True, method="improvedtangent")
     neb.interpolate()
     calls = calc.state.force_calls
     BFGS(neb, logfile=None).run(fmax=0.05, steps=2)
