@@ -31,7 +31,20 @@ def stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-class SamplingProgress:
+class _Bar:
+    """A rich progress display used as a context manager."""
+
+    _progress: Progress
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.stop()
+
+
+class SamplingProgress(_Bar):
     """A rich progress bar over all chain-steps, with the current loss and the step rate.
 
     Use as the ``progress`` callback of the samplers: ``(chain, steps_done, mean_ll)``.
@@ -57,13 +70,6 @@ class SamplingProgress:
         )
         self._task = self._progress.add_task(description, total=total_steps, rate=0.0, loss="-")
 
-    def __enter__(self) -> SamplingProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._progress.stop()
-
     @property
     def completed(self) -> int:
         return sum(self._done.values())
@@ -78,7 +84,7 @@ class SamplingProgress:
         self._progress.update(self._task, completed=self.completed, rate=self.rate, loss=f"{-mean_ll:.4g}")
 
 
-class RunProgress:
+class RunProgress(_Bar):
     """Progress of an on-the-fly run: step, simulated time, reference calls, last P, T, ETA."""
 
     def __init__(self, total_steps: int, timestep_fs: float, quiet: bool = False, console: Console | None = None):
@@ -97,13 +103,6 @@ class RunProgress:
             disable=quiet,
         )
         self._task = self._progress.add_task("md", total=total_steps, ps=0.0, calls=0, prob="-", temperature=0.0)
-
-    def __enter__(self) -> RunProgress:
-        self._progress.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._progress.stop()
 
     def __call__(self, run) -> None:
         results = run.calc.results

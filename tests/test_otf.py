@@ -70,13 +70,19 @@ def write_config(workdir, name, steps=15, reference="ase.calculators.emt:EMT", r
 
 
 # -- the calculator under an ASE driver -------------------------------------------------
-def test_calculator_under_velocity_verlet(workdir):
+def small_calculator(workdir, force_call_after: int):
+    """The small MACE ensemble with EMT as the reference."""
     ensemble = Ensemble.from_config(
         ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
         UncertaintyConfig(threshold=0.05), seed=0,
     )
     calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
-                              safety=SafetyNets(force_call_after=4))
+                              safety=SafetyNets(force_call_after=force_call_after))
+    return ensemble, calc
+
+
+def test_calculator_under_velocity_verlet(workdir):
+    ensemble, calc = small_calculator(workdir, force_call_after=4)
     atoms = read(workdir / "cu4.xyz")
     atoms.calc = calc
     dyn = VelocityVerlet(atoms, 2 * units.fs)
@@ -335,12 +341,7 @@ def test_calculator_under_an_optimiser_and_neb(workdir):
     from ase.mep import NEB
     from ase.optimize import BFGS
 
-    ensemble = Ensemble.from_config(
-        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
-        UncertaintyConfig(threshold=0.05), seed=0,
-    )
-    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
-                              safety=SafetyNets(force_call_after=5))
+    _, calc = small_calculator(workdir, force_call_after=5)
     atoms = read(workdir / "cu4.xyz")
     atoms.calc = calc
     BFGS(atoms, logfile=None).run(fmax=1e-8, steps=6)
