@@ -163,7 +163,7 @@ class OnTheFlyRun:
                 what = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
                 raise FlytuneError(f"run directory {config.run_dir!r} was made by a different config ({what}) "
                                    "and cannot be resumed; use a new run_dir")
-        self.saved_config = saved
+        self._in_step = False
 
     # -- building -------------------------------------------------------------------
     def open(self) -> None:
@@ -205,8 +205,7 @@ class OnTheFlyRun:
                      f"reference calls, {len(pending)} label(s) to replay)")
         else:
             self.ensemble = Ensemble.from_config(c.model, c.uncertainty, seed=c.seed)
-            for atoms in (self.structure,):
-                self.ensemble.model.backbone.check_atoms(atoms)
+            self.ensemble.model.backbone.check_atoms(self.structure)
             atoms = self.structure.copy()
             if c.md.initial_velocities and not atoms.has("momenta"):
                 MaxwellBoltzmannDistribution(atoms, temperature_K=c.md.temperature_at(0),
@@ -240,14 +239,9 @@ class OnTheFlyRun:
                                   on_intervention=self._on_intervention, on_label=self._on_label)
 
     # -- records ----------------------------------------------------------------------
-    def _time_fs(self) -> float:
-        return self.dyn.nsteps * self.config.md.timestep_fs if hasattr(self, "dyn") else 0.0
-
     def _md_step(self) -> int:
         # a force call during dyn.step() belongs to the step being made
-        return self.dyn.nsteps + (1 if self._in_step else 0) if hasattr(self, "dyn") else 0
-
-    _in_step = False
+        return self.dyn.nsteps + (1 if self._in_step else 0)
 
     def _on_label(self, atoms: Atoms, meta: dict) -> None:
         atoms.info.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs)
