@@ -129,7 +129,7 @@ def run_cli(workdir, config, env_extra=None, timeout=600):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def labels_of(run_dir: Path):
+def label_records(run_dir: Path):
     return [json.loads(line) for line in (run_dir / "checkpoint" / "labels.jsonl").read_text().splitlines()]
 
 
@@ -149,7 +149,7 @@ def test_run_directory_contents(uninterrupted):
         assert key in summary
     assert summary["steps"] == 15 and summary["reference_calls"] >= 5
     labels = read(rd / "labels.extxyz", index=":")
-    assert len(labels) == summary["reference_calls"] == len(labels_of(rd))
+    assert len(labels) == summary["reference_calls"] == len(label_records(rd))
     assert all("energy_raw" in a.info and "step" in a.info for a in labels)
     steps = (rd / "steps.csv").read_text().splitlines()
     assert len(steps) == 1 + summary["force_calls"]
@@ -169,7 +169,7 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(workdir, uninterrupted,
     resumed = run_cli(workdir, config)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stderr
-    expected, got = labels_of(uninterrupted), labels_of(workdir / name)
+    expected, got = label_records(uninterrupted), label_records(workdir / name)
     assert len(got) == len(expected)
     for a, b in zip(expected, got):
         assert a["positions"] == b["positions"] and a["energy"] == b["energy"] and a["forces"] == b["forces"]
@@ -206,7 +206,7 @@ def test_reference_failure_retries_then_stops_with_checkpoint(workdir, mode):
     message = str(info.value)
     assert "checkpoint is intact" in message and "Cu4" in message
     assert FailingCalculator.calls == 2 + 3  # two good calls, then 1 try + 2 retries
-    labels = labels_of(workdir / name)
+    labels = label_records(workdir / name)
     assert len(labels) == 2 and len(read(workdir / name / "labels.extxyz", index=":")) == 2
     summary = json.loads((workdir / name / "summary.json").read_text())
     assert summary["stopped"].startswith("reference failure")
@@ -216,7 +216,7 @@ def test_reference_failure_retries_then_stops_with_checkpoint(workdir, mode):
     summary = run(load_run_config(path), log=logs.append)
     assert any("resuming" in line for line in logs)
     assert summary["steps"] == 15 and summary["stopped"] is None
-    assert labels_of(workdir / name)[:2] == labels
+    assert label_records(workdir / name)[:2] == labels
 
 
 def test_reference_failure_skip_policy(workdir):
@@ -309,7 +309,7 @@ def test_drivers_resume_exactly(workdir, driver):
     summary = run(paths["split"], log=lambda m: None)
     assert summary["steps"] == 6
     full, resumed = workdir / f"{driver}_full", workdir / f"{driver}_split"
-    assert labels_of(full) == labels_of(resumed)
+    assert label_records(full) == label_records(resumed)
     rows = lambda d: [r.split(",") for r in (d / "steps.csv").read_text().splitlines()[1:]]  # noqa: E731
     assert rows(full) == rows(resumed)
     frames = read(full / "trajectory.traj", index=":")
