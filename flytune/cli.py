@@ -64,9 +64,9 @@ def _default_data_dir() -> Path:
 
 
 def _prepare_out(out: Path, overwrite: bool) -> Path:
-    if out.exists() and any(out.iterdir()) if out.is_dir() else out.exists():
-        if not overwrite:
-            raise FlytuneError(f"output folder {str(out)!r} exists; choose another --out or pass --overwrite")
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    if occupied and not overwrite:
+        raise FlytuneError(f"output folder {str(out)!r} exists; choose another --out or pass --overwrite")
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -99,7 +99,6 @@ class OnTheFlyCalculator(Calculator):
         on_step: Callable[[dict], None] | None = None,
         on_intervention: Callable[[Atoms, Intervention], None] | None = None,
         on_label: Callable[[Atoms, dict], None] | None = None,
-        progress=None,
         **kwargs,
     ):
         """``threshold`` ε in eV and ``confidence`` default to the ensemble's uncertainty
@@ -115,10 +114,7 @@ class OnTheFlyCalculator(Calculator):
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
         self.on_step, self.on_intervention, self.on_label = on_step, on_intervention, on_label
-        self.progress = progress
-        self._update_progress = self._progress_with_fault_point if progress is None else progress
         self.stop = None  # a StopFlag: Ctrl-C ends an update early (chains keep their state)
-        self.last_intervention: Intervention | None = None
 
     # -- decision -------------------------------------------------------------------
     def _must_call(self, prob_exceed: float) -> bool:
@@ -185,7 +181,7 @@ class OnTheFlyCalculator(Calculator):
         return label, result.wall_s, False
 
     @staticmethod
-    def _progress_with_fault_point(chain: int, step: int, mean_ll: float) -> None:
+    def _update_progress(chain: int, step: int, mean_ll: float) -> None:
         if step == 3:
             faults.point("mid-update")
 
@@ -233,7 +229,6 @@ class OnTheFlyCalculator(Calculator):
             shape=calibrator.posterior_shape, rate=calibrator.posterior_rate,
             reference_s=reference_s, update_s=update_s, first=first,
         )
-        self.last_intervention = intervention
         if self.on_intervention is not None:
             self.on_intervention(label, intervention)
         results = {"energy": raw + offset, "forces": label.get_forces()}

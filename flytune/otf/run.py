@@ -21,7 +21,8 @@ from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
 from flytune.bayes.ensemble import Ensemble
-from flytune.config import FAMILY_DEFAULTS, MDConfig, RunConfig
+from flytune.backbones import backbone_family
+from flytune.config import MDConfig, RunConfig
 from flytune.data import read_structures
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, SafetyNets
@@ -222,8 +223,7 @@ class OnTheFlyRun:
     def _apply_changed_settings(self) -> None:
         """Thresholds, confidence and calibration prior of the config take effect on resume."""
         c, ens = self.config, self.ensemble
-        family = "mace" if ens.config.sigma_prior == FAMILY_DEFAULTS["mace"]["sigma_prior"] else "nequip"
-        new = c.uncertainty.resolved(family)
+        new = c.uncertainty.resolved(backbone_family(ens.config.backbone))
         old = ens.uncertainty
         for key in ("threshold", "threshold_unit", "confidence", "calibration_shape", "calibration_rate"):
             if getattr(old, key) != getattr(new, key):
