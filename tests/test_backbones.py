@@ -17,8 +17,8 @@ def stock_results(atoms, calc):
     return atoms.get_potential_energy(), atoms.get_forces(), stress
 
 
-def assert_matches(backbone, structures, calc):
-    out = backbone(backbone.batch(structures))
+def assert_matches(backbone, structures, calc, functional=False):
+    out = backbone(backbone.batch(structures), functional=functional)
     offsets = np.cumsum([0] + [len(a) for a in structures])
     for s, atoms in enumerate(structures):
         energy, forces, stress = stock_results(atoms, calc)
@@ -46,6 +46,32 @@ def test_sevennet_equals_stock_calculator_on_periodic_si(sevennet, sevennet_calc
 
 def test_sevennet_batched_mixed_structures(sevennet, sevennet_calc):
     assert_matches(sevennet, [ethanol(3), silicon(4), ethanol(5)], sevennet_calc)
+
+
+def test_sevennet_functional_path_equals_stock_calculator(sevennet, sevennet_calc):
+    """The out-of-place torch.func path (used for one-pass ensembles) is pinned to the stock result."""
+    assert sevennet.supports_vmap
+    assert_matches(sevennet, [ethanol(3), silicon(4)], sevennet_calc, functional=True)
+
+
+def test_sevennet_vmap_over_parameter_sets(sevennet):
+    """vmap over stacked parameters equals evaluating each parameter set on its own."""
+    from torch.func import functional_call, vmap
+
+    sets = [sevennet.trainable_parameters(), sevennet.random_parameters(seed=1)]
+    stacked = {k: torch.stack([p[k] for p in sets]) for k in sets[0]}
+    batch = sevennet.batch([ethanol(2), silicon(3)])
+
+    def outputs(params):
+        out = functional_call(sevennet, params, (batch,), {"functional": True})
+        return out.energy, out.forces, out.stress, out.features
+
+    batched = vmap(outputs)(stacked)
+    for i, params in enumerate(sets):
+        one = sevennet.forward if i == 0 else (lambda b: functional_call(sevennet, params, (b,)))
+        out = one(batch)
+        for got, want in zip(batched, (out.energy, out.forces, out.stress, out.features)):
+            torch.testing.assert_close(got[i], want.detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_sevennet_interface(sevennet):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import emt_labelled, ethanol
+from conftest import emt_labelled, ethanol, silicon
 from flytune.bayes.chains import ChainJob
 from flytune.bayes.ensemble import Ensemble
 from flytune.bayes.schedules import offline_schedule
@@ -131,6 +131,19 @@ def test_uninformative_prior_starts_from_random_weights(ethanol_frames):
     assert not torch.equal(starts[0][key], starts[1][key])  # each chain its own random init
     ens.update(ethanol_frames[:2])
     assert np.isfinite(ens.predict(ethanol_frames[3]).energy).all()
+
+
+def test_one_pass_prediction_equals_member_loop(ethanol_frames):
+    ens = Ensemble.from_config(ModelConfig(**SMALL, prior="uninformative"), seed=0)
+    assert ens.model.backbone.supports_vmap
+    structures = [ethanol_frames[0], silicon(2)]
+    one_pass = ens.predict(structures)
+    ens.model.backbone.supports_vmap = False
+    loop = ens.predict(structures)
+    np.testing.assert_allclose(one_pass.stress[1], loop.stress[1], rtol=1e-5, atol=1e-7)
+    for field in ("energy", "energy_var", "forces", "forces_var"):
+        np.testing.assert_allclose(getattr(one_pass, field), getattr(loop, field), rtol=1e-5, atol=1e-6)
+    assert one_pass.energy_var[0] > ens.model.energy_sigma**2  # the members differ
 
 
 def test_mace_backbone_in_the_ensemble(small_mace_file, ethanol_frames, tmp_path):

@@ -75,6 +75,9 @@ class Backbone(torch.nn.Module, ABC):
     """
 
     family: ClassVar[str]
+    #: True when ``forward(batch, functional=True)`` composes with ``torch.func.vmap``
+    #: over stacked parameters (one pass for the whole ensemble)
+    supports_vmap: bool = False
     #: human-readable identity of the weights, e.g. ``"7net-0"`` or a file path
     spec: str
     cutoff: float
@@ -95,11 +98,15 @@ class Backbone(torch.nn.Module, ABC):
         """Collate graphs into one batched graph."""
 
     @abstractmethod
-    def forward(self, batch: GraphBatch, *, create_graph: bool = False) -> BackboneOutput:
+    def forward(
+        self, batch: GraphBatch, *, create_graph: bool = False, functional: bool = False
+    ) -> BackboneOutput:
         """Energies, forces (autograd), stress (periodic) and invariant features.
 
         ``create_graph=True`` keeps the graph of the force computation so that a loss
         on forces can be differentiated with respect to the parameters.
+        ``functional=True`` (only where :attr:`supports_vmap`) computes forces with
+        ``torch.func.grad`` and no in-place operation, so that ``vmap`` can batch it.
         """
 
     # -- shared behaviour ---------------------------------------------------------

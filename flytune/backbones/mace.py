@@ -89,7 +89,11 @@ class MACEBackbone(Backbone):
             periodic=torch.as_tensor([g.periodic for g in graphs]),
         )
 
-    def forward(self, batch: GraphBatch, *, create_graph: bool = False) -> BackboneOutput:
+    def forward(
+        self, batch: GraphBatch, *, create_graph: bool = False, functional: bool = False
+    ) -> BackboneOutput:
+        # MACE takes autograd.grad inside its forward: no functional path (supports_vmap
+        # is False), members are evaluated one after another
         from mace.modules.utils import extract_invariant
 
         batch = batch.to(self.device)

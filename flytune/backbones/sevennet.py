@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from ase import Atoms
+from sevenn.nn.convolution import IrrepsConvolution
 
 from flytune.backbones.base import Backbone, BackboneOutput, Graph, GraphBatch, structure_index
 from flytune.errors import FlytuneError
@@ -87,6 +88,11 @@ class SevenNetBackbone(Backbone):
         self._known = frozenset(int(z) for z in model.type_map)
         self.dtype = next(p for p in model.parameters()).dtype
         self._energy_constant = float(getattr(model._modules.get("reduce_total_enegy"), "constant", 1.0))
+        # the out-of-place path (_convolve) covers sevenn's e3nn convolution; other
+        # convolution kernels (cuEquivariance, flashTP) are run as they are, with a loop
+        self.supports_vmap = all(
+            isinstance(m, IrrepsConvolution) for m in model.children() if "Convolution" in type(m).__name__
+        )
 
     @property
     def atomic_numbers(self) -> frozenset[int]:
@@ -121,13 +127,18 @@ class SevenNetBackbone(Backbone):
             periodic=torch.as_tensor([g.periodic for g in graphs]),
         )
 
-    def forward(self, batch: GraphBatch, *, create_graph: bool = False) -> BackboneOutput:
-        batch = batch.to(self.device)
+    def _energy(self, edge_vec: torch.Tensor, batch: GraphBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S,) energies and (A, F) invariant features as functions of the edge vectors.
+
+        Out of place throughout (the one-hot encoding replaces ``_preprocess``, which sets
+        ``requires_grad`` in place, and :func:`_convolve` replaces the convolutions'
+        in-place scatter), so it can run under ``torch.func.grad`` and ``vmap``.
+        """
         src = batch.data
-        edge_vec = src["edge_vec"].detach().requires_grad_(True)
+        model = self.model
         data: dict[str, Any] = {
             "atomic_numbers": src["atomic_numbers"],
-            "x": src["atomic_numbers"],
+            "x": model._atomic_numbers_to_onehot(src["atomic_numbers"]),
             "edge_index": src["edge_index"],
             "edge_vec": edge_vec,
             "cell_volume": src["cell_volume"],
@@ -136,33 +147,38 @@ class SevenNetBackbone(Backbone):
         }
         if self.modal is not None:
             data["data_modality"] = [self.modal] * batch.n_structures
-        model = self.model
-        data = model._preprocess(data)
+            model._eval_modal_map(data)
         features = None
         for name in self._modules_to_run:
+            module = model._modules[name]
             if name == self._feature_before:
                 features = data["x"][:, self._scalar_index.to(data["x"].device)]
-            data = model._modules[name](data)
+            data = _convolve(module, data) if isinstance(module, IrrepsConvolution) else module(data)
+        assert features is not None
         # per-structure sums over contiguous slices: the same float32 reduction as the
         # stock calculator's torch.sum, so batched energies equal single-structure ones
         atomic_energy = data["atomic_energy"].squeeze(-1)
         n_atoms_per = src["num_atoms"].tolist()
         energy = torch.stack([e.sum() for e in torch.split(atomic_energy, n_atoms_per)])
-        energy = energy * self._energy_constant
-        (grad,) = torch.autograd.grad(energy.sum(), edge_vec, create_graph=create_graph)
-        n_atoms = batch.structure_index.shape[0]
-        src_idx, dst_idx = data["edge_index"][0], data["edge_index"][1]
-        zeros = torch.zeros(n_atoms, 3, dtype=grad.dtype, device=grad.device)
-        forces = zeros.index_add(0, src_idx, grad) - zeros.index_add(0, dst_idx, grad)
-        stress = None
-        if bool(batch.periodic.any()):
-            edge_structure = batch.structure_index[src_idx]
-            virial = torch.zeros(batch.n_structures, 3, 3, dtype=grad.dtype, device=grad.device).index_add(
-                0, edge_structure, edge_vec.detach().unsqueeze(2) * grad.unsqueeze(1)
-            )
-            volume = torch.where(batch.periodic, src["cell_volume"], torch.ones_like(src["cell_volume"]))
-            stress = virial / volume.view(-1, 1, 1)
-        assert features is not None
+        return energy * self._energy_constant, features
+
+    def forward(
+        self, batch: GraphBatch, *, create_graph: bool = False, functional: bool = False
+    ) -> BackboneOutput:
+        batch = batch.to(self.device)
+        edge_vec = batch.data["edge_vec"].detach()
+        if functional:  # torch.func.grad: composable with vmap over parameters
+
+            def total_energy(r: torch.Tensor):
+                energy, features = self._energy(r, batch)
+                return energy.sum(), (energy, features)
+
+            grad, (energy, features) = torch.func.grad(total_energy, has_aux=True)(edge_vec)
+        else:  # torch.autograd.grad: the force graph can be kept for training
+            edge_vec = edge_vec.requires_grad_(True)
+            energy, features = self._energy(edge_vec, batch)
+            (grad,) = torch.autograd.grad(energy.sum(), edge_vec, create_graph=create_graph)
+        forces, stress = _forces_and_stress(grad, edge_vec.detach(), batch)
         return BackboneOutput(energy=energy, forces=forces, stress=stress, features=features)
 
     def random_parameters(self, seed: int) -> dict[str, torch.Tensor]:
@@ -176,3 +192,35 @@ class SevenNetBackbone(Backbone):
             name: fresh_params[name.removeprefix("model.")].detach().clone()
             for name in self.trainable_parameters()
         }
+
+
+def _convolve(module, data: dict[str, Any]) -> dict[str, Any]:
+    """``IrrepsConvolution.forward`` with an out-of-place message sum (``index_add``)
+    instead of sevenn's in-place ``scatter_reduce_``, which ``vmap`` cannot batch."""
+    weight = module.weight_nn(data[module.key_weight_input])
+    x = data[module.key_x]
+    edge_src = data[module.key_edge_idx][1]
+    edge_dst = data[module.key_edge_idx][0]
+    message = module.convolution(x.index_select(0, edge_src), data[module.key_filter], weight)
+    zeros = torch.zeros((x.shape[0], *message.shape[1:]), dtype=x.dtype, device=x.device)
+    data[module.key_x] = zeros.index_add(0, edge_dst, message).div(module.denominator)
+    return data
+
+
+def _forces_and_stress(
+    grad: torch.Tensor, edge_vec: torch.Tensor, batch: GraphBatch
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forces and stress from g_ij = ∂E/∂r_ij (see the module docstring)."""
+    src_idx, dst_idx = batch.data["edge_index"][0], batch.data["edge_index"][1]
+    zeros = torch.zeros(batch.structure_index.shape[0], 3, dtype=grad.dtype, device=grad.device)
+    forces = zeros.index_add(0, src_idx, grad) - zeros.index_add(0, dst_idx, grad)
+    if not bool(batch.periodic.any()):
+        return forces, None
+    edge_structure = batch.structure_index[src_idx]
+    virial = torch.zeros(batch.n_structures, 3, 3, dtype=grad.dtype, device=grad.device).index_add(
+        0, edge_structure, edge_vec.unsqueeze(2) * grad.unsqueeze(1)
+    )
+    volume = batch.data["cell_volume"]
+    volume = torch.where(batch.periodic, volume, torch.ones_like(volume))
+    return forces, virial / volume.view(-1, 1, 1)
+

@@ -66,6 +66,17 @@ def combine(means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.nd
     return means.mean(axis=0), epistemic + variances.mean(axis=0)
 
 
+def _member_outputs(
+    model: ProbabilisticModel, params: Params, batch, functional: bool = False
+) -> dict[str, torch.Tensor]:
+    """One member's energy, forces, σ_F (and stress if periodic) as a dict of tensors."""
+    pred = functional_call(model, params, (batch,), {"functional": functional})
+    out = {"energy": pred.energy, "forces": pred.forces, "force_sigma": pred.force_sigma}
+    if pred.stress is not None:
+        out["stress"] = pred.stress
+    return out
+
+
 def reproducible() -> None:
     """Make torch's CPU kernels deterministic (scatter/index_add sums in a fixed order).
 
@@ -171,20 +182,28 @@ class Ensemble:
         )
 
     def member_predictions(self, structures: Sequence[Atoms]):
-        """Per-member (means, variances) of energy, forces, stress for one batch."""
+        """Per-member (means, variances) of energy, forces, stress for one batch.
+
+        Backbones that support it evaluate all members in one pass (``torch.func.vmap``
+        over the stacked parameters); others loop over the members.
+        """
         batch = self.model.backbone.batch(structures)
-        out = {"energy": ([], []), "forces": ([], []), "stress": ([], [])}
-        for params in self.members:
-            pred = functional_call(self.model, params, (batch,))
-            out["energy"][0].append(pred.energy.detach().double().cpu().numpy())
-            out["energy"][1].append(np.full(len(structures), pred.energy_sigma**2))
-            out["forces"][0].append(pred.forces.detach().double().cpu().numpy())
-            sig2 = pred.force_sigma.detach().double().cpu().numpy() ** 2
-            out["forces"][1].append(np.repeat(sig2[:, None], 3, axis=1))
-            if pred.stress is not None:
-                out["stress"][0].append(pred.stress.detach().double().cpu().numpy())
-                out["stress"][1].append(np.full((len(structures), 3, 3), pred.stress_sigma**2))
-        return batch, {k: (np.stack(m), np.stack(v)) for k, (m, v) in out.items() if m}
+        members = self.members
+        if self.model.backbone.supports_vmap and len(members) > 1:
+            stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
+            preds = torch.func.vmap(lambda p: _member_outputs(self.model, p, batch, functional=True))(stacked)
+        else:
+            outputs = [_member_outputs(self.model, p, batch) for p in members]
+            preds = {k: torch.stack([o[k] for o in outputs]) for k in outputs[0]}
+        preds = {k: v.detach().double().cpu().numpy() for k, v in preds.items()}
+        m, s = len(members), len(structures)
+        out = {
+            "energy": (preds["energy"], np.full((m, s), self.model.energy_sigma**2)),
+            "forces": (preds["forces"], np.repeat(preds["force_sigma"][..., None] ** 2, 3, axis=-1)),
+        }
+        if "stress" in preds:
+            out["stress"] = (preds["stress"], np.full((m, s, 3, 3), self.model.stress_sigma**2))
+        return batch, out
 
     def _predict_batch(self, structures: Sequence[Atoms]) -> EnsemblePrediction:
         batch, parts = self.member_predictions(structures)

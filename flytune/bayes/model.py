@@ -94,8 +94,8 @@ class ProbabilisticModel(torch.nn.Module):
         self.force_sigma0 = float(force_sigma0)
         self.stress_sigma = float(stress_sigma)
 
-    def forward(self, batch: GraphBatch, create_graph: bool = False) -> MemberPrediction:
-        out = self.backbone(batch, create_graph=create_graph)
+    def forward(self, batch: GraphBatch, create_graph: bool = False, functional: bool = False) -> MemberPrediction:
+        out = self.backbone(batch, create_graph=create_graph, functional=functional)
         log_scale = self.head(out.features.to(self.head.layers[0].weight.dtype))
         return MemberPrediction(
             energy=out.energy,
