@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import emt_labelled, ethanol, silicon
-from flytune.bayes.chains import ChainJob
+from flytune.bayes.chains import Chain, ChainJob
 from flytune.bayes.ensemble import Ensemble
 from flytune.bayes.schedules import offline_schedule
 from flytune.config import ModelConfig, UncertaintyConfig
@@ -72,13 +72,55 @@ def test_save_load_continue_is_bit_for_bit(ethanol_frames, tmp_path):
     )
 
 
+class RecordingConnection:
+    """Wraps a worker pipe and records what the parent sends through it."""
+
+    def __init__(self, conn):
+        self.conn, self.sent = conn, []
+
+    def send(self, message):
+        self.sent.append(message)
+        self.conn.send(message)
+
+    def __getattr__(self, name):
+        return getattr(self.conn, name)
+
+
 def test_parallel_and_sequential_chains_agree(ethanol_frames):
+    """Resident workers give the sequential result; only new structures and changed chains cross."""
     sequential = Ensemble.from_config(ModelConfig(**SMALL, workers=1, threads_per_worker=1), seed=2)
     with Ensemble.from_config(ModelConfig(**SMALL, workers=2, threads_per_worker=1), seed=2) as parallel:
+        runner = parallel.runner
+        runner._conns = [RecordingConnection(c) for c in runner._conns]
         for ens in (sequential, parallel):
             ens.update(ethanol_frames[:2])
+        first = [list(c.sent) for c in runner._conns]
+        assert [m[0] for m in first[0]] == ["prior", "data", "run"]
+        assert len(first[0][1][1]["numbers"]) == 2 and first[0][2][1][0][1].chain is not None
+        for c in runner._conns:
+            c.sent.clear()
+        for ens in (sequential, parallel):
             ens.update(ethanol_frames[2:3])
+        second = runner._conns[1].sent
+        assert [m[0] for m in second] == ["data", "run"]
+        assert second[0][2] == 2 and len(second[0][1]["numbers"]) == 1  # only the new structure
+        assert [job.chain for _, job in second[1][1]] == [None]  # the chain stayed in the worker
         assert_same_chains(sequential, parallel)
+        # chains replaced from outside (a checkpoint) are sent again
+        for ens in (sequential, parallel):
+            ens.chains = [Chain.from_state_dict(c.state_dict()) for c in ens.chains]
+            ens.update(ethanol_frames[3:4])
+        assert runner._conns[0].sent[-1][1][0][1].chain is not None
+        assert_same_chains(sequential, parallel)
+
+
+def test_worker_failure_is_reported(ethanol_frames):
+    with Ensemble.from_config(ModelConfig(**SMALL, workers=2, threads_per_worker=1), seed=2) as ens:
+        ens.add_data(ethanol_frames[:2])
+        bad = ChainJob(ens.chains[0], ens.update_schedule())
+        bad.chain.state.params.pop(next(iter(bad.chain.state.params)))
+        with pytest.raises(RuntimeError, match="a chain worker failed"):
+            ens.run([bad])
 
 
 def test_stop_keeps_samples_taken_so_far(ethanol_frames):

@@ -15,10 +15,8 @@ import os
 import queue
 import signal
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from multiprocessing.managers import SyncManager
 from typing import Protocol
 
 import torch
@@ -216,9 +214,6 @@ def worker_devices(device: str, workers: int) -> list[str]:
     return [device] * workers
 
 
-_WORKER: dict = {}
-
-
 @contextmanager
 def _sigint_ignored() -> Iterator[None]:
     """Processes started inside inherit an ignored SIGINT (Python keeps it ignored), so a
@@ -246,34 +241,64 @@ def _exit_with_parent() -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker_init(spec_state: dict, threads: int, events, stop, devices) -> None:
+def _worker_main(conn, spec_state: dict, threads: int, device: str, events, stop) -> None:
+    """A resident worker: holds its model, prior, data set (graphs built once) and chains.
+
+    Messages from the parent: ``("prior", state)``, ``("data", state, start)`` (structures
+    ``start..`` of the data set; ``start == 0`` replaces it), ``("run", jobs, settings)``
+    where a job's chain is ``None`` for a chain the worker already holds, and ``("close",)``.
+    Every message is answered, ``("ok", result)`` or ``("error", traceback)``.
+    """
+    import traceback
+
     _exit_with_parent()
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)  # as flytune.bayes.ensemble.reproducible
-    device = devices.get()  # one device per worker: cpu, or cuda:0, cuda:1, ...
-    _WORKER["model"] = ModelSpec.from_state_dict(spec_state).build(device)
-    _WORKER["device"], _WORKER["events"], _WORKER["stop"] = device, events, stop
-
-
-def _worker_run(prior_state: dict, data_state: dict, job: ChainJob, settings: SamplerSettings) -> dict:
-    """Run one job in a worker; tensors cross the process boundary on the CPU."""
-    model, device, events = _WORKER["model"], _WORKER["device"], _WORKER["events"]
-    data = TrainingSet.from_state_dict(model.backbone, data_state)
-    prior = GaussianPrior.from_state_dict(tree_to(prior_state, device))
-    job = ChainJob(job.chain.to(device), job.schedule, job.priority, job.replace_samples)
+    model = ModelSpec.from_state_dict(spec_state).build(device)
+    prior: GaussianPrior | None = None
+    data = TrainingSet(model.backbone)
+    chains: dict[int, Chain] = {}
 
     def progress(index: int, step: int, value: float) -> None:
         events.put((index, step, value))
 
-    chain = run_chain(model, prior, data, job, settings, progress, _WORKER["stop"])
-    return tree_to(chain.state_dict(), "cpu")
+    while True:
+        message = conn.recv()
+        try:
+            kind = message[0]
+            if kind == "close":
+                conn.send(("ok", None))
+                return
+            if kind == "prior":
+                prior = GaussianPrior.from_state_dict(tree_to(message[1], device))
+                result = None
+            elif kind == "data":
+                if message[2] == 0:
+                    data = TrainingSet(model.backbone)
+                data.extend_from_state_dict(message[1])
+                result = len(data)
+            else:  # run
+                _, jobs, settings = message
+                result = []
+                for index, job in jobs:
+                    chain = chains[index] if job.chain is None else job.chain.to(device)
+                    job = ChainJob(chain, job.schedule, job.priority, job.replace_samples)
+                    chains[index] = run_chain(model, prior, data, job, settings, progress, stop)
+                    result.append(tree_to(chains[index].state_dict(), "cpu"))
+            conn.send(("ok", result))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
 
 
 class ProcessRunner:
-    """Runs chains in ``workers`` spawned processes, each holding its own model.
+    """Runs chains in ``workers`` resident processes, each holding its own model.
 
-    Each worker uses ``threads`` torch threads (default: the cores divided among the
-    workers) and one device: the spec's, or with ``"cuda"`` one GPU per worker in turn.
+    Chain m always runs in worker m mod ``workers``, which keeps the chain's sampler state,
+    the prior and the data set (with its neighbour lists) between runs: a run sends only
+    the structures added since the last one, the schedules, and the state of chains that
+    changed outside the worker (e.g. loaded from a checkpoint); it returns the new chain
+    states. Each worker uses ``threads`` torch threads (default: the cores divided among
+    the workers) and one device: the spec's, or with ``"cuda"`` one GPU per worker in turn.
     Progress is relayed through a queue; a stop flag shared with the workers ends every
     chain at its next step.
     """
@@ -282,21 +307,75 @@ class ProcessRunner:
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // workers)
         self.device = spec.device
-        self._ctx = mp.get_context("spawn")
-        self._manager = SyncManager(ctx=self._ctx)
+        ctx = mp.get_context("spawn")
+        self.events = ctx.Queue()
+        self.stop_event = ctx.Event()
+        self._conns = []
+        self._processes = []
         with _sigint_ignored():
-            self._manager.start(_exit_with_parent)
-        self.events = self._manager.Queue()
-        self.stop_event = self._manager.Event()
-        devices = self._manager.Queue()
-        for device in worker_devices(spec.device, workers):
-            devices.put(device)
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=self._ctx,
-            initializer=_worker_init,
-            initargs=(spec.state_dict(), self.threads, self.events, self.stop_event, devices),
-        )
+            for device in worker_devices(spec.device, workers):
+                parent_end, child_end = ctx.Pipe()
+                process = ctx.Process(
+                    target=_worker_main,
+                    args=(child_end, spec.state_dict(), self.threads, device, self.events, self.stop_event),
+                    daemon=True,
+                )
+                process.start()
+                child_end.close()
+                self._conns.append(parent_end)
+                self._processes.append(process)
+        self._prior: GaussianPrior | None = None
+        self._data: TrainingSet | None = None
+        self._data_sent = 0
+        #: the chain object each worker holds, by chain index
+        self._resident: dict[int, Chain] = {}
+
+    def _call_all(self, messages: Sequence[tuple | None]) -> list:
+        """Send one message to each worker (None: none) and collect their answers."""
+        for conn, message in zip(self._conns, messages):
+            if message is not None:
+                conn.send(message)
+        answers = []
+        for conn, process, message in zip(self._conns, self._processes, messages):
+            if message is None:
+                answers.append(None)
+                continue
+            answers.append(self._receive(conn, process))
+        return answers
+
+    def _receive(self, conn, process, progress: Progress | None = None, stop: StopFlag | None = None):
+        while not conn.poll(0.2):
+            self._relay(progress, stop)
+            if not process.is_alive():
+                raise RuntimeError(f"chain worker {process.pid} died (exit code {process.exitcode})")
+        status, result = conn.recv()
+        if status == "error":
+            raise RuntimeError(f"a chain worker failed:\n{result}")
+        return result
+
+    def _relay(self, progress: Progress | None, stop: StopFlag | None) -> None:
+        if stop is not None and stop.is_set():
+            self.stop_event.set()
+        while True:
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+            if progress is not None:
+                progress(*event)
+
+    def _sync(self, prior: GaussianPrior, data: TrainingSet) -> None:
+        """Send the prior if it changed and the structures the workers do not hold yet."""
+        if prior is not self._prior:
+            state = tree_to(prior.state_dict(), "cpu")
+            self._call_all([("prior", state)] * len(self._conns))
+            self._prior = prior
+        if data is not self._data or len(data) < self._data_sent:
+            self._data, self._data_sent = data, 0
+        if len(data) > self._data_sent:
+            state = data.state_dict(start=self._data_sent)
+            self._call_all([("data", state, self._data_sent)] * len(self._conns))
+            self._data_sent = len(data)
 
     def run(
         self,
@@ -308,23 +387,35 @@ class ProcessRunner:
         stop: StopFlag | None = None,
     ) -> list[Chain]:
         self.stop_event.clear()
-        prior_state, data_state = tree_to(prior.state_dict(), "cpu"), data.state_dict()
-        jobs = [ChainJob(j.chain.to("cpu"), j.schedule, j.priority, j.replace_samples) for j in jobs]
-        with _sigint_ignored():  # workers are spawned on submit
-            futures = [self._pool.submit(_worker_run, prior_state, data_state, j, settings) for j in jobs]
-        while not all(f.done() for f in futures):
-            if stop is not None and stop.is_set():
-                self.stop_event.set()
-            try:
-                event = self.events.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if progress is not None:
-                progress(*event)
-        while progress is not None and not self.events.empty():
-            progress(*self.events.get())
-        return [Chain.from_state_dict(f.result()).to(self.device) for f in futures]
+        self._sync(prior, data)
+        per_worker: list[list] = [[] for _ in self._conns]
+        for job in jobs:
+            index = job.chain.index
+            resident = self._resident.get(index) is job.chain
+            sent = ChainJob(None if resident else job.chain.to("cpu"), job.schedule, job.priority, job.replace_samples)
+            per_worker[index % len(self._conns)].append((index, sent))
+        for conn, worker_jobs in zip(self._conns, per_worker):
+            if worker_jobs:
+                conn.send(("run", worker_jobs, settings))
+        chains: dict[int, Chain] = {}
+        for conn, process, worker_jobs in zip(self._conns, self._processes, per_worker):
+            if worker_jobs:
+                states = self._receive(conn, process, progress, stop)
+                for (index, _), state in zip(worker_jobs, states):
+                    chains[index] = Chain.from_state_dict(state).to(self.device)
+        self._relay(progress, stop)
+        self._resident.update(chains)
+        return [chains[job.chain.index] for job in jobs]
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._manager.shutdown()
+        for conn, process in zip(self._conns, self._processes):
+            if process.is_alive():
+                try:
+                    conn.send(("close",))
+                    conn.recv()
+                except (OSError, EOFError):
+                    pass
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+        self._conns, self._processes = [], []

@@ -65,23 +65,22 @@ class TrainingSet:
         """Offset-corrected reference energies (eV)."""
         return np.asarray(self._energy)
 
-    def state_dict(self) -> dict:
+    def state_dict(self, start: int = 0) -> dict:
+        """Plain tensors of structures ``start..`` (all by default)."""
+        structures = self.structures[start:]
         return {
-            "numbers": [torch.as_tensor(a.numbers) for a in self.structures],
-            "positions": [torch.as_tensor(a.positions) for a in self.structures],
-            "cell": [torch.as_tensor(np.asarray(a.cell)) for a in self.structures],
-            "pbc": [torch.as_tensor(a.pbc) for a in self.structures],
-            "raw_energy": torch.as_tensor(
-                [a.calc.results["energy"] for a in self.structures], dtype=torch.float64
-            ),
-            "energy": torch.as_tensor(self._energy, dtype=torch.float64),
-            "forces": list(self._forces),
-            "stress": [s if s is not None else torch.full((3, 3), float("nan")) for s in self._stress],
+            "numbers": [torch.as_tensor(a.numbers) for a in structures],
+            "positions": [torch.as_tensor(a.positions) for a in structures],
+            "cell": [torch.as_tensor(np.asarray(a.cell)) for a in structures],
+            "pbc": [torch.as_tensor(a.pbc) for a in structures],
+            "raw_energy": torch.as_tensor([a.calc.results["energy"] for a in structures], dtype=torch.float64),
+            "energy": torch.as_tensor(self._energy[start:], dtype=torch.float64),
+            "forces": list(self._forces[start:]),
+            "stress": [s if s is not None else torch.full((3, 3), float("nan")) for s in self._stress[start:]],
         }
 
-    @classmethod
-    def from_state_dict(cls, backbone: Backbone, state: dict) -> TrainingSet:
-        out = cls(backbone)
+    def extend_from_state_dict(self, state: dict) -> None:
+        """Append the structures of a :meth:`state_dict` (their energies exactly as saved)."""
         for i in range(len(state["numbers"])):
             stress = state["stress"][i]
             atoms = Atoms(
@@ -96,6 +95,11 @@ class TrainingSet:
                 state["forces"][i].numpy(),
                 None if torch.isnan(stress).any() else stress.numpy(),
             )
-            out.add(atoms)
-        out._energy = [float(e) for e in state["energy"]]  # exactly as saved
+            self.add(atoms)
+            self._energy[-1] = float(state["energy"][i])
+
+    @classmethod
+    def from_state_dict(cls, backbone: Backbone, state: dict) -> TrainingSet:
+        out = cls(backbone)
+        out.extend_from_state_dict(state)
         return out
