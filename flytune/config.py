@@ -38,6 +38,13 @@ class ModelConfig(_Strict):
     friction: float = Field(0.1, gt=0, le=1)
     beta: float = Field(0.999, ge=0, lt=1)
     mass_eps: PositiveFloat = 1e-4
+    early_stop: bool = Field(
+        False, description="end an update cycle once the newest structure's log-likelihood and the chain have settled"
+    )
+    early_stop_window: int = Field(25, ge=2, description="W, values per window of the early-stop test")
+    early_stop_tolerance_nats: PositiveFloat = Field(
+        1.0, description="δ, largest change of the window means of the log-likelihoods counted as settled"
+    )
     noise_off_fraction: float = Field(0.2, ge=0, le=1)
     ramp_fraction: float = Field(0.05, ge=0, le=1)
     force_sigma0_kcal_mol_A: PositiveFloat = Field(0.1, description="s0, initial σ_F")

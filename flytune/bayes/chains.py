@@ -10,6 +10,7 @@ core or GPU) with identical results for the same seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import os
 import queue
@@ -24,6 +25,7 @@ from torch.func import functional_call
 
 from flytune.bayes import sghmc
 from flytune.bayes.dataset import TrainingSet
+from flytune.bayes.early_stop import EarlyStop
 from flytune.bayes.minibatch import draw_minibatch
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior
@@ -96,13 +98,16 @@ class ChainJob:
 
     ``priority``: priority sampling of the newest structure (on-the-fly) or uniform
     (offline). ``replace_samples``: the new samples replace the chain's old ones
-    (on-the-fly update) instead of being appended (offline cycles).
+    (on-the-fly update) instead of being appended (offline cycles). ``early_stop``: end
+    the cycle once the chain has settled (:mod:`flytune.bayes.early_stop`); for
+    schedules whose only sample is at the end.
     """
 
     chain: Chain
     schedule: Schedule
     priority: bool = True
     replace_samples: bool = True
+    early_stop: EarlyStop | None = None
 
 
 def log_posterior_fn(model: ProbabilisticModel, prior: GaussianPrior, num_data: int):
@@ -148,6 +153,8 @@ def run_chain(
     samples = [] if job.replace_samples else list(chain.samples)
     resets, sample_steps = set(schedule.reset_before), set(schedule.sample_after)
     interrupted = False
+    newest_ll: list[float] = []  # ℓ_new and L̂ in the full-noise phase, for early_stop
+    mean_ll: list[float] = []
     for k in range(len(schedule)):
         if stop is not None and stop.is_set():
             interrupted = True
@@ -164,10 +171,18 @@ def run_chain(
             num_data=num_data,
             generator=generator,
         )
-        if k in sample_steps:
-            samples.append(state.params)
         if progress is not None:
             progress(chain.index, k + 1, float(state.aux.mean()))
+        if k in sample_steps:
+            samples.append(state.params)
+        elif job.early_stop is not None and schedule.temperature[k] >= 1.0:
+            mean_ll.append(float((weights.to(state.aux.dtype) * state.aux.cpu()).sum()))
+            newest = indices == num_data - 1
+            if bool(newest.any()):
+                newest_ll.append(float(state.aux.cpu()[newest].mean()))
+            if len(mean_ll) % job.early_stop.window == 0 and job.early_stop.settled(newest_ll, mean_ll):
+                samples.append(state.params)
+                break
     if interrupted and not samples:
         samples.append(state.params)  # keep what the chain has: its current state
     state.aux = None
@@ -282,7 +297,7 @@ def _worker_main(conn, spec_state: dict, threads: int, device: str, events, stop
                 result = []
                 for index, job in jobs:
                     chain = chains[index] if job.chain is None else job.chain.to(device)
-                    job = ChainJob(chain, job.schedule, job.priority, job.replace_samples)
+                    job = dataclasses.replace(job, chain=chain)
                     chains[index] = run_chain(model, prior, data, job, settings, progress, stop)
                     result.append(tree_to(chains[index].state_dict(), "cpu"))
             conn.send(("ok", result))
@@ -392,7 +407,7 @@ class ProcessRunner:
         for job in jobs:
             index = job.chain.index
             resident = self._resident.get(index) is job.chain
-            sent = ChainJob(None if resident else job.chain.to("cpu"), job.schedule, job.priority, job.replace_samples)
+            sent = dataclasses.replace(job, chain=None if resident else job.chain.to("cpu"))
             per_worker[index % len(self._conns)].append((index, sent))
         for conn, worker_jobs in zip(self._conns, per_worker):
             if worker_jobs:

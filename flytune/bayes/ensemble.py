@@ -31,6 +31,7 @@ from flytune.bayes.chains import (
     StopFlag,
 )
 from flytune.bayes.dataset import TrainingSet
+from flytune.bayes.early_stop import EarlyStop
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior, random_start, transfer_prior, uninformative_prior
 from flytune.bayes.schedules import Schedule, cycle_schedule
@@ -264,7 +265,10 @@ class Ensemble:
         """Add labelled structures and run one update cycle on every chain (warm start)."""
         self.add_data(new_structures)
         schedule = self.update_schedule()
-        self.run([ChainJob(c, schedule, priority=True, replace_samples=True) for c in self.chains], progress, stop)
+        c = self.config
+        early_stop = EarlyStop(c.early_stop_window, c.early_stop_tolerance_nats) if c.early_stop else None
+        jobs = [ChainJob(chain, schedule, priority=True, replace_samples=True, early_stop=early_stop) for chain in self.chains]
+        self.run(jobs, progress, stop)
 
     def run(self, jobs: Sequence[ChainJob], progress: Progress | None = None, stop: StopFlag | None = None) -> None:
         """Run chain jobs (sequentially or in worker processes) and keep the new chains."""
