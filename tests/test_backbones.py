@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 from ase import Atoms
-
 from conftest import ethanol, silicon
+
 from flytune.backbones import backbone_family, load_backbone
 from flytune.errors import FlytuneError
 
@@ -68,8 +68,7 @@ def test_sevennet_vmap_over_parameter_sets(sevennet):
 
     batched = vmap(outputs)(stacked)
     for i, params in enumerate(sets):
-        one = sevennet.forward if i == 0 else (lambda b: functional_call(sevennet, params, (b,)))
-        out = one(batch)
+        out = sevennet(batch) if i == 0 else functional_call(sevennet, params, (batch,))
         for got, want in zip(batched, (out.energy, out.forces, out.stress, out.features)):
             torch.testing.assert_close(got[i], want.detach(), atol=1e-5, rtol=1e-5)
 

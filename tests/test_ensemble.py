@@ -5,8 +5,8 @@ import threading
 import numpy as np
 import pytest
 import torch
-
 from conftest import emt_labelled, ethanol, silicon
+
 from flytune.bayes.chains import Chain, ChainJob
 from flytune.bayes.ensemble import Ensemble
 from flytune.bayes.schedules import offline_schedule

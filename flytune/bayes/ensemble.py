@@ -41,6 +41,12 @@ from flytune.data import labels_of, same_composition
 from flytune.errors import FlytuneError
 
 FORMAT = "flytune.ensemble/1"
+#: one-pass (vmap) prediction only up to this many edges: it wins on small graphs, where
+#: the time goes into per-operator overhead, and loses on large ones. Measured on 2 CPU
+#: cores, SevenNet-0, 8 members, one pass over one member: ethanol (72 edges) 3.2x (loop
+#: 6.7x); Si8 (224 edges) 5.7x; Si16 (448) 7.9x; Si32 (896) 10.8x; Si64 (1792) 13.5x
+#: (loop 6.1x)
+ONE_PASS_MAX_EDGES = 300
 Params = dict[str, torch.Tensor]
 
 
@@ -186,11 +192,13 @@ class Ensemble:
         """Per-member (means, variances) of energy, forces, stress for one batch.
 
         Backbones that support it evaluate all members in one pass (``torch.func.vmap``
-        over the stacked parameters); others loop over the members.
+        over the stacked parameters) when the batch has at most :data:`ONE_PASS_MAX_EDGES`
+        edges; otherwise the members are evaluated one after another.
         """
         batch = self.model.backbone.batch(structures)
         members = self.members
-        if self.model.backbone.supports_vmap and len(members) > 1:
+        one_pass = batch.data.get("edge_index") is not None and batch.data["edge_index"].shape[1] <= ONE_PASS_MAX_EDGES
+        if self.model.backbone.supports_vmap and one_pass and len(members) > 1:
             stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
             preds = torch.func.vmap(lambda p: _member_outputs(self.model, p, batch, functional=True))(stacked)
         else:

@@ -1,0 +1,77 @@
+"""Quality guard of the speed settings: the same short on-the-fly ethanol run per setting.
+
+Ethanol at 300 K, Langevin 0.5 fs, SevenNet-0, PySCF B3LYP/6-31G* (density fitting),
+ε = 0.5 kcal/mol, seed 1, ``--steps`` MD steps. Settings: ``fast`` (speed.py's FAST:
+4 chains, K = 100, η_max 3e-4, early stop, 2 workers) and ``paper`` (8 chains,
+K = 2000; about 40 min per update on 2 CPU cores). Reported per setting: wall times,
+reference calls, fraction of interventions above ε, RMSE at interventions, and the
+energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
+trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and
+resume where they stopped; figures go to ``results/quality_guard.json``.
+
+    .venv/bin/python benchmarks/quality_guard.py fast [--steps 200] [--frames 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+from ase.build import molecule
+from ase.io import read, write
+from common import RESULTS, ROOT, write_results
+from speed import FAST, PAPER
+
+from flytune.bayes.ensemble import Ensemble
+from flytune.config import RunConfig
+from flytune.otf.reference import make_reference
+from flytune.otf.run import run
+from flytune.units import KCAL_MOL
+
+SETTINGS = {"fast": FAST, "paper": {**PAPER, "workers": 2}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("setting", choices=sorted(SETTINGS))
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--frames", type=int, default=20)
+    args = parser.parse_args()
+    folder = ROOT / "benchmarks" / "runs" / f"quality_{args.setting}"
+    folder.mkdir(parents=True, exist_ok=True)
+    structure = folder / "ethanol.xyz"
+    if not structure.exists():
+        write(structure, molecule("CH3CH2OH"))
+    reference = {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}}
+    config = RunConfig.model_validate({
+        "structure": str(structure), "run_dir": str(folder / "run"), "seed": 1,
+        "model": {"backbone": "7net-0", **SETTINGS[args.setting]}, "reference": reference,
+        "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
+        "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": args.steps},
+    })
+    summary = run(config)
+    # energy RMSE of the final ensemble on random trajectory frames, against the reference
+    frames = read(folder / "run" / "trajectory.traj", ":")
+    picks = np.random.default_rng(0).choice(len(frames), size=min(args.frames, len(frames)), replace=False)
+    pyscf = make_reference("pyscf", reference["options"])
+    with Ensemble.load(folder / "run" / "model.pt", workers=1) as ensemble:
+        chosen = [frames[i] for i in sorted(picks)]
+        predicted = ensemble.predict(chosen).energy
+        truth = np.array([pyscf.compute(a).energy for a in chosen]) + ensemble.energy_offset
+    errors = (predicted - truth) / KCAL_MOL
+    result = {key: summary.get(key) for key in (
+        "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
+        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")}
+    result.update(settings=SETTINGS[args.setting], md_steps=args.steps,
+                  rmse_random_frames_kcal=float(np.sqrt(np.mean(errors**2))), random_frames=len(chosen))
+    path = RESULTS / "quality_guard.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.pop("machine", None)
+    results[args.setting] = result
+    print(json.dumps(result, indent=2))
+    print("wrote", write_results("quality_guard", results))
+
+
+if __name__ == "__main__":
+    main()
