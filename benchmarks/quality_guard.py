@@ -3,7 +3,7 @@
 Ethanol at 300 K, Langevin 0.5 fs, SevenNet-0, PySCF B3LYP/6-31G* (density fitting),
 ε = 0.5 kcal/mol, seed 1, ``--steps`` MD steps. Settings: ``fast`` (speed.py's FAST:
 4 chains, K = 100, η_max 3e-4, early stop, 2 workers) and ``paper`` (8 chains,
-K = 2000; about 40 min per update on 2 CPU cores). Reported per setting: wall times,
+K = 2000; about 46 min per update on 2 CPU cores). Reported per setting: wall times,
 reference calls, fraction of interventions above ε, RMSE at interventions, and the
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
 trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and

@@ -12,7 +12,7 @@ skips what is there unless ``--force``):
 - ``profile``: where a batched chain-step spends its time (torch profiler, top operators).
 - ``update``: wall time of ``Ensemble.update`` after a new ethanol label with the fast
   settings (measured), and with the paper's defaults (8 chains × 2000 steps, derived
-  from the measured fast-path rate: one such update takes ~40 min here).
+  from the measured fast-path rate: one such update takes ~46 min here).
 - ``reference``: one PySCF B3LYP/6-31G* (density fitting) call on ethanol, one GFN1-xTB
   (tblite) call on Si64.
 
@@ -38,7 +38,7 @@ from flytune.bayes.minibatch import draw_minibatch
 from flytune.config import ModelConfig
 from flytune.data import labelled, read_labelled
 
-#: the documented fast CPU setting (README "Speed")
+#: the fast settings measured here (README "Speed"; they fail the quality guard)
 FAST = dict(chains=4, cycle_steps=100, eta_max=3e-4, early_stop=True, early_stop_window=15, workers=2)
 PAPER = dict(chains=8, cycle_steps=2000)
 COMPILE_NOTES = [
