@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from ase import Atoms
 from ase.build import bulk, molecule
 from common import ETHANOL_CCSD_T, RESULTS, machine, write_results
 from torch.func import functional_call
@@ -63,7 +64,7 @@ def best_time(fn, repeats: int = 10) -> float:
     return min(times)
 
 
-def silicon64(seed: int) -> object:
+def silicon64(seed: int) -> Atoms:
     atoms = bulk("Si", "diamond", a=5.43, cubic=True).repeat(2)
     atoms.rattle(0.05, seed=seed)
     return atoms

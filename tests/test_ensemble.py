@@ -177,15 +177,23 @@ def test_uninformative_prior_starts_from_random_weights(ethanol_frames):
 
 def test_one_pass_prediction_equals_member_loop(ethanol_frames):
     ens = Ensemble.from_config(ModelConfig(**SMALL, prior="uninformative"), seed=0)
-    assert ens.model.backbone.supports_vmap
-    structures = [ethanol_frames[0], silicon(2)]
-    one_pass = ens.predict(structures)
-    ens.model.backbone.supports_vmap = False
-    loop = ens.predict(structures)
-    np.testing.assert_allclose(one_pass.stress[1], loop.stress[1], rtol=1e-5, atol=1e-7)
-    for field in ("energy", "energy_var", "forces", "forces_var"):
-        np.testing.assert_allclose(getattr(one_pass, field), getattr(loop, field), rtol=1e-5, atol=1e-6)
-    assert one_pass.energy_var[0] > ens.model.energy_sigma**2  # the members differ
+    backbone = ens.model.backbone
+    structures = [ethanol_frames[0], silicon(2, n=1)]  # 8 Si atoms: small enough for one pass
+    assert backbone.one_pass(backbone.batch(structures))
+
+    def compare():
+        backbone.supports_vmap = True
+        one_pass = ens.predict(structures)
+        backbone.supports_vmap = False  # one_pass() is now False: the member loop
+        loop = ens.predict(structures)
+        np.testing.assert_allclose(one_pass.stress[1], loop.stress[1], rtol=1e-5, atol=1e-7)
+        for field in ("energy", "energy_var", "forces", "forces_var"):
+            np.testing.assert_allclose(getattr(one_pass, field), getattr(loop, field), rtol=1e-5, atol=1e-6)
+        assert one_pass.energy_var[0] > ens.model.energy_sigma**2  # the members differ
+
+    compare()
+    ens.update(ethanol_frames[:2])  # new members: the stacked parameters are rebuilt
+    compare()
 
 
 def test_mace_backbone_in_the_ensemble(small_mace_file, ethanol_frames, tmp_path):

@@ -109,6 +109,11 @@ class Backbone(torch.nn.Module, ABC):
         ``torch.func.grad`` and no in-place operation, so that ``vmap`` can batch it.
         """
 
+    def one_pass(self, batch: GraphBatch) -> bool:
+        """Whether an ensemble should evaluate ``batch`` for all members in one ``vmap``
+        pass (faster) rather than member by member. Default: never."""
+        return False
+
     # -- shared behaviour ---------------------------------------------------------
     @property
     def device(self) -> torch.device:

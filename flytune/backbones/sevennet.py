@@ -33,6 +33,15 @@ BUNDLED = ("7net-0", "7net-0_11jul2024", "7net-0_11july2024", "7net-0_22may2024"
 def is_bundled(spec: str) -> bool:
     name = spec.lower()
     return (name.replace("sevennet-", "7net-", 1) if name.startswith("sevennet-") else name) in BUNDLED
+
+
+#: one-pass (vmap) prediction only up to this many edges: it wins on small graphs, where
+#: the time goes into per-operator overhead, and loses on large ones. Measured on 2 CPU
+#: cores, SevenNet-0, 8 members, one pass over one member: ethanol (72 edges) 3.2x (loop
+#: 6.7x); Si8 (224 edges) 5.7x; Si16 (448) 7.9x; Si32 (896) 10.8x; Si64 (1792) 13.5x
+#: (loop 6.1x)
+ONE_PASS_MAX_EDGES = 300
+
 # the total-energy reduction is done here (see SevenNetBackbone.forward) and so is the
 # force/stress step
 _SKIPPED_MODULES = ("reduce_total_enegy", "force_output")
@@ -97,6 +106,9 @@ class SevenNetBackbone(Backbone):
     @property
     def atomic_numbers(self) -> frozenset[int]:
         return self._known
+
+    def one_pass(self, batch: GraphBatch) -> bool:
+        return self.supports_vmap and batch.data["edge_index"].shape[1] <= ONE_PASS_MAX_EDGES
 
     def _graph(self, atoms: Atoms) -> dict[str, Any]:
         from sevenn.train.dataload import unlabeled_atoms_to_graph

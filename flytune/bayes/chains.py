@@ -176,10 +176,11 @@ def run_chain(
         if k in sample_steps:
             samples.append(state.params)
         elif job.early_stop is not None and schedule.temperature[k] >= 1.0:
-            mean_ll.append(float((weights.to(state.aux.dtype) * state.aux.cpu()).sum()))
+            ll = state.aux.cpu()
+            mean_ll.append(float((weights.to(ll.dtype) * ll).sum()))
             newest = indices == num_data - 1
             if bool(newest.any()):
-                newest_ll.append(float(state.aux.cpu()[newest].mean()))
+                newest_ll.append(float(ll[newest].mean()))
             if len(mean_ll) % job.early_stop.window == 0 and job.early_stop.settled(newest_ll, mean_ll):
                 samples.append(state.params)
                 break
@@ -291,7 +292,7 @@ def _worker_main(conn, spec_state: dict, threads: int, device: str, events, stop
                 if message[2] == 0:
                     data = TrainingSet(model.backbone)
                 data.extend_from_state_dict(message[1])
-                result = len(data)
+                result = None
             else:  # run
                 _, jobs, settings = message
                 result = []
@@ -345,8 +346,11 @@ class ProcessRunner:
         #: the chain object each worker holds, by chain index
         self._resident: dict[int, Chain] = {}
 
-    def _call_all(self, messages: Sequence[tuple | None]) -> list:
-        """Send one message to each worker (None: none) and collect their answers."""
+    def _exchange(
+        self, messages: Sequence[tuple | None], progress: Progress | None = None, stop: StopFlag | None = None
+    ) -> list:
+        """Send message i to worker i (None: nothing) and collect the answers, relaying
+        progress and the stop flag while waiting."""
         for conn, message in zip(self._conns, messages):
             if message is not None:
                 conn.send(message)
@@ -355,18 +359,15 @@ class ProcessRunner:
             if message is None:
                 answers.append(None)
                 continue
-            answers.append(self._receive(conn, process))
+            while not conn.poll(0.2):
+                self._relay(progress, stop)
+                if not process.is_alive():
+                    raise RuntimeError(f"chain worker {process.pid} died (exit code {process.exitcode})")
+            status, result = conn.recv()
+            if status == "error":
+                raise RuntimeError(f"a chain worker failed:\n{result}")
+            answers.append(result)
         return answers
-
-    def _receive(self, conn, process, progress: Progress | None = None, stop: StopFlag | None = None):
-        while not conn.poll(0.2):
-            self._relay(progress, stop)
-            if not process.is_alive():
-                raise RuntimeError(f"chain worker {process.pid} died (exit code {process.exitcode})")
-        status, result = conn.recv()
-        if status == "error":
-            raise RuntimeError(f"a chain worker failed:\n{result}")
-        return result
 
     def _relay(self, progress: Progress | None, stop: StopFlag | None) -> None:
         if stop is not None and stop.is_set():
@@ -383,13 +384,13 @@ class ProcessRunner:
         """Send the prior if it changed and the structures the workers do not hold yet."""
         if prior is not self._prior:
             state = tree_to(prior.state_dict(), "cpu")
-            self._call_all([("prior", state)] * len(self._conns))
+            self._exchange([("prior", state)] * len(self._conns))
             self._prior = prior
         if data is not self._data or len(data) < self._data_sent:
             self._data, self._data_sent = data, 0
         if len(data) > self._data_sent:
             state = data.state_dict(start=self._data_sent)
-            self._call_all([("data", state, self._data_sent)] * len(self._conns))
+            self._exchange([("data", state, self._data_sent)] * len(self._conns))
             self._data_sent = len(data)
 
     def run(
@@ -409,15 +410,11 @@ class ProcessRunner:
             resident = self._resident.get(index) is job.chain
             sent = dataclasses.replace(job, chain=None if resident else job.chain.to("cpu"))
             per_worker[index % len(self._conns)].append((index, sent))
-        for conn, worker_jobs in zip(self._conns, per_worker):
-            if worker_jobs:
-                conn.send(("run", worker_jobs, settings))
+        answers = self._exchange([("run", w, settings) if w else None for w in per_worker], progress, stop)
         chains: dict[int, Chain] = {}
-        for conn, process, worker_jobs in zip(self._conns, self._processes, per_worker):
-            if worker_jobs:
-                states = self._receive(conn, process, progress, stop)
-                for (index, _), state in zip(worker_jobs, states):
-                    chains[index] = Chain.from_state_dict(state).to(self.device)
+        for worker_jobs, states in zip(per_worker, answers):
+            for (index, _), state in zip(worker_jobs, states or []):
+                chains[index] = Chain.from_state_dict(state).to(self.device)
         self._relay(progress, stop)
         self._resident.update(chains)
         return [chains[job.chain.index] for job in jobs]

@@ -41,12 +41,6 @@ from flytune.data import labels_of, same_composition
 from flytune.errors import FlytuneError
 
 FORMAT = "flytune.ensemble/1"
-#: one-pass (vmap) prediction only up to this many edges: it wins on small graphs, where
-#: the time goes into per-operator overhead, and loses on large ones. Measured on 2 CPU
-#: cores, SevenNet-0, 8 members, one pass over one member: ethanol (72 edges) 3.2x (loop
-#: 6.7x); Si8 (224 edges) 5.7x; Si16 (448) 7.9x; Si32 (896) 10.8x; Si64 (1792) 13.5x
-#: (loop 6.1x)
-ONE_PASS_MAX_EDGES = 300
 Params = dict[str, torch.Tensor]
 
 
@@ -133,6 +127,7 @@ class Ensemble:
         self.energy_offset = energy_offset
         self.seed = seed
         self._runner: SequentialRunner | ProcessRunner | None = None
+        self._stacked: tuple[tuple[Chain, ...], Params] | None = None
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -191,16 +186,15 @@ class Ensemble:
     def member_predictions(self, structures: Sequence[Atoms]):
         """Per-member (means, variances) of energy, forces, stress for one batch.
 
-        Backbones that support it evaluate all members in one pass (``torch.func.vmap``
-        over the stacked parameters) when the batch has at most :data:`ONE_PASS_MAX_EDGES`
-        edges; otherwise the members are evaluated one after another.
+        All members in one pass (``torch.func.vmap`` over the stacked parameters) where
+        the backbone says it is faster (:meth:`Backbone.one_pass`), else one by one.
         """
         batch = self.model.backbone.batch(structures)
         members = self.members
-        one_pass = batch.data.get("edge_index") is not None and batch.data["edge_index"].shape[1] <= ONE_PASS_MAX_EDGES
-        if self.model.backbone.supports_vmap and one_pass and len(members) > 1:
-            stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
-            preds = torch.func.vmap(lambda p: _member_outputs(self.model, p, batch, functional=True))(stacked)
+        if len(members) > 1 and self.model.backbone.one_pass(batch):
+            preds = torch.func.vmap(lambda p: _member_outputs(self.model, p, batch, functional=True))(
+                self._stacked_members()
+            )
         else:
             outputs = [_member_outputs(self.model, p, batch) for p in members]
             preds = {k: torch.stack([o[k] for o in outputs]) for k in outputs[0]}
@@ -213,6 +207,16 @@ class Ensemble:
         if "stress" in preds:
             out["stress"] = (preds["stress"], np.full((m, s, 3, 3), self.model.stress_sigma**2))
         return batch, out
+
+    def _stacked_members(self) -> Params:
+        """The members' parameters stacked along a leading axis, rebuilt only when the
+        chains change (stacking costs 3–14 ms for 8 SevenNet-0 members, every MD step)."""
+        if self._stacked is None or len(self._stacked[0]) != len(self.chains) or any(
+            a is not b for a, b in zip(self._stacked[0], self.chains)
+        ):
+            members = self.members
+            self._stacked = (tuple(self.chains), {k: torch.stack([m[k] for m in members]) for k in members[0]})
+        return self._stacked[1]
 
     def _predict_batch(self, structures: Sequence[Atoms]) -> EnsemblePrediction:
         batch, parts = self.member_predictions(structures)
