@@ -101,6 +101,11 @@ class OfflineConfig(_Strict):
     eta_end: PositiveFloat | None = Field(None, description="step size at the end of the initial phase (default η_start/10)")
     samples_per_chain: PositiveInt = Field(1, description="1 + number of cosine cycles per chain")
     cycle_steps: PositiveInt = 500
+    noise: bool = Field(
+        True,
+        description="inject the SGHMC noise; false: every chain is a noise-free fit from its start "
+        "(with the uninformative prior, M independent fits from random weights: a deep ensemble)",
+    )
     seed: int = 0
 
     @field_validator("initial_steps")

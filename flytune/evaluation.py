@@ -7,7 +7,8 @@ predicted mean and total variance), ``force_mll_recalibrated`` (the same with th
 variances scaled by ``calibration_factor``), ``force_auc_roc`` (AUC-ROC of the
 predicted σ for detecting components with |error| above a threshold) and
 ``calibration_factor`` c = mean(e²)/mean(σ²), the factor on the predicted variance that
-would match it to the observed mean squared error.
+would match it to the observed mean squared error (or the factor given, e.g. one fitted
+on a validation set).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from flytune.bayes.ensemble import Ensemble
 from flytune.data import labels_of
 from flytune.units import KCAL_MOL
 
-LOG_KCAL = math.log(KCAL_MOL)  # log-density shift from eV to kcal/mol units
+LOG_KCAL = math.log(KCAL_MOL)  # log p in kcal/mol/Å units = log p in eV/Å units + LOG_KCAL
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -50,9 +51,17 @@ def error_metrics(
     force_error: np.ndarray,
     force_var: np.ndarray,
     force_error_threshold: float = KCAL_MOL,
+    calibration_factor: float | None = None,
 ) -> dict[str, float]:
-    """Metrics of energy errors (S,) and force-component errors/variances (A, 3), eV units."""
-    c = float(np.mean(force_error**2) / np.mean(force_var))
+    """Metrics of energy errors (S,) and force-component errors/variances (A, 3), eV units.
+
+    ``force_mll_recalibrated`` scales the variances by ``calibration_factor`` (e.g. fitted
+    on a validation set); by default by c = mean(e²)/mean(σ²) of these errors.
+    """
+    if calibration_factor is None:
+        c = float(np.mean(force_error**2) / np.mean(force_var))
+    else:
+        c = float(calibration_factor)
     out = {
         "energy_rmse": float(np.sqrt(np.mean(energy_error**2))),
         "energy_mae": float(np.mean(np.abs(energy_error))),
@@ -66,7 +75,7 @@ def error_metrics(
     for key in ("energy_rmse", "energy_mae", "force_rmse", "force_mae"):
         out[f"{key}_kcal"] = out[key] / KCAL_MOL
     for key in ("force_mll", "force_mll_recalibrated"):
-        out[f"{key}_kcal"] = out[key] - LOG_KCAL
+        out[f"{key}_kcal"] = out[key] + LOG_KCAL
     for key in ("force_auc_roc", "calibration_factor"):
         out[f"{key}_kcal"] = out[key]
     return out
@@ -77,13 +86,14 @@ def evaluate(
     structures: Sequence[Atoms],
     force_error_threshold: float = KCAL_MOL,
     batch_size: int = 16,
+    calibration_factor: float | None = None,
 ) -> dict[str, float]:
     """Predict ``structures`` and compare with their labels.
 
     Reference energies get the ensemble's energy offset; an ensemble without one
     (the pretrained model) takes it from the first structure, as in the paper.
     ``force_error_threshold`` (eV/Å, default 1 kcal/mol/Å) defines a large force error
-    for the AUC-ROC.
+    for the AUC-ROC. ``calibration_factor``: see :func:`error_metrics`.
     """
     labels = [labels_of(a, where=f"structure {i}") for i, a in enumerate(structures)]
     offset = ensemble.energy_offset
@@ -92,7 +102,7 @@ def evaluate(
     pred = ensemble.predict(structures, batch_size=batch_size)
     energy_error = np.array([lab.energy + offset for lab in labels]) - pred.energy
     force_error = np.concatenate([lab.forces for lab in labels]) - pred.forces
-    metrics = error_metrics(energy_error, force_error, pred.forces_var, force_error_threshold)
+    metrics = error_metrics(energy_error, force_error, pred.forces_var, force_error_threshold, calibration_factor)
     metrics.update(
         n_structures=len(structures),
         n_members=len(ensemble.members),

@@ -4,7 +4,10 @@ then cosine cycles, one posterior sample at the end of each."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+
+import numpy as np
 
 from ase import Atoms
 
@@ -15,9 +18,10 @@ from flytune.config import ModelConfig, OfflineConfig, UncertaintyConfig
 
 
 def finetune_schedule(config: ModelConfig, offline: OfflineConfig) -> Schedule:
-    """Initial phase from η_start (default η_max) to η_end (default η_start/10), then cycles."""
+    """Initial phase from η_start (default η_max) to η_end (default η_start/10), then cycles;
+    with ``offline.noise`` false every τ_k is 0 (noise-free fits)."""
     eta_start = offline.eta_start or config.eta_max
-    return offline_schedule(
+    schedule = offline_schedule(
         offline.initial_steps,
         eta_start=eta_start,
         eta_end=offline.eta_end or eta_start / 10,
@@ -27,6 +31,9 @@ def finetune_schedule(config: ModelConfig, offline: OfflineConfig) -> Schedule:
         noise_off=config.noise_off_fraction,
         ramp=config.ramp_fraction,
     )
+    if not offline.noise:
+        schedule = dataclasses.replace(schedule, temperature=np.zeros_like(schedule.temperature))
+    return schedule
 
 
 def finetune(

@@ -34,6 +34,8 @@ def test_error_metrics_units_and_calibration_factor():
     assert m["force_mae_kcal"] == pytest.approx(m["force_mae"] / KCAL_MOL)
     assert m["calibration_factor"] == pytest.approx(np.mean(force_error**2) / 0.01**2)
     assert m["force_mll_recalibrated"] > m["force_mll"]
-    assert m["force_mll_kcal"] == pytest.approx(m["force_mll"] - LOG_KCAL)
+    # the same errors and σ expressed in kcal/mol/Å give the kcal-unit log-likelihood
+    assert m["force_mll_kcal"] == pytest.approx(gaussian_mll(force_error / KCAL_MOL, force_var / KCAL_MOL**2))
+    assert m["force_mll_kcal"] == pytest.approx(m["force_mll"] + LOG_KCAL)
     # constant σ cannot rank errors
     assert m["force_auc_roc"] == pytest.approx(0.5)
