@@ -93,8 +93,6 @@ def pretrain_on_pbe() -> dict:
     and SevenNet-0's differ by a constant (one composition), so E_PBE − Δ is the
     target, Δ = mean(E_PBE − E_SevenNet-0) over the training frames.
     """
-    import sevenn.util
-
     cfg = SETTINGS["pretrain"]
     torch.manual_seed(cfg["seed"])
     backbone = load_backbone("7net-0")
@@ -123,10 +121,8 @@ def pretrain_on_pbe() -> dict:
         if step % 100 == 0:
             print(f"pretrain step {step}: loss {loss.item():.4g}", flush=True)
     after = _energy_force_errors(backbone, test, offset)
-    checkpoint = sevenn.util.load_checkpoint("7net-0").get_checkpoint_dict()
-    checkpoint["model_state_dict"] = {k: v.detach().clone() for k, v in backbone.model.state_dict().items()}
     WORK.mkdir(parents=True, exist_ok=True)
-    torch.save(checkpoint, PBE_CHECKPOINT)
+    backbone.save_checkpoint(PBE_CHECKPOINT)
     rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)  # noqa: E731
     return {
         "data": "ethanol_rmd17_pbe_botnet/train.xyz (1000 PBE/def2-SVP frames); test: first 200 of test_MD.xyz",

@@ -169,3 +169,20 @@ def test_sevennet_from_checkpoint_path(sevennet):
     assert by_path.spec.endswith(".pth")
     a, b = by_path.trainable_parameters(), sevennet.trainable_parameters()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sevennet_save_checkpoint_round_trip(tmp_path):
+    """Changed weights written as a SevenNet checkpoint load back unchanged, in flytune
+    and in sevenn's own calculator (no second upgrade of the old checkpoint layout)."""
+    from sevenn.calculator import SevenNetCalculator
+
+    backbone = load_backbone("7net-0")
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.mul_(1.01)
+    path = tmp_path / "changed.pth"
+    backbone.save_checkpoint(path)
+    again = load_backbone(str(path))
+    a, b = backbone.trainable_parameters(), again.trainable_parameters()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_matches(backbone, [ethanol(0)], SevenNetCalculator(str(path), device="cpu"))

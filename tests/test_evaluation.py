@@ -37,5 +37,9 @@ def test_error_metrics_units_and_calibration_factor():
     # the same errors and σ expressed in kcal/mol/Å give the kcal-unit log-likelihood
     assert m["force_mll_kcal"] == pytest.approx(gaussian_mll(force_error / KCAL_MOL, force_var / KCAL_MOL**2))
     assert m["force_mll_kcal"] == pytest.approx(m["force_mll"] + LOG_KCAL)
+    # a factor fitted elsewhere (a validation set) is used as given
+    fixed = error_metrics(energy_error, force_error, force_var, calibration_factor=4.0)
+    assert fixed["calibration_factor"] == 4.0
+    assert fixed["force_mll_recalibrated"] == pytest.approx(gaussian_mll(force_error, 4.0 * force_var))
     # constant σ cannot rank errors
     assert m["force_auc_roc"] == pytest.approx(0.5)

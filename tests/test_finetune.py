@@ -1,5 +1,6 @@
 """Offline fine-tuning improves a pretrained model on held-out structures."""
 
+import numpy as np
 import pytest
 
 from flytune.bayes.ensemble import Ensemble
@@ -32,3 +33,15 @@ def test_finetune_schedule_defaults():
     assert schedule.step_size[0] == pytest.approx(config.eta_max)  # η_start defaults to η_max
     assert schedule.step_size[99] == pytest.approx(config.eta_max / 10)
     assert schedule.sample_after == (99, 119, 139)
+    assert schedule.temperature[-1] == 1.0
+
+
+def test_finetune_schedule_without_noise_is_a_plain_fit():
+    """noise = false (deep ensembles): the same step sizes and samples, τ_k = 0 throughout."""
+    config = ModelConfig().resolved("nequip")
+    offline = OfflineConfig(initial_steps=100, samples_per_chain=3, cycle_steps=20)
+    noisy = finetune_schedule(config, offline)
+    plain = finetune_schedule(config, offline.model_copy(update={"noise": False}))
+    np.testing.assert_array_equal(plain.step_size, noisy.step_size)
+    assert plain.sample_after == noisy.sample_after
+    assert not plain.temperature.any() and noisy.temperature.any()

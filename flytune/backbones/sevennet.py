@@ -193,6 +193,23 @@ class SevenNetBackbone(Backbone):
         forces, stress = _forces_and_stress(grad, edge_vec.detach(), batch)
         return BackboneOutput(energy=energy, forces=forces, stress=stress, features=features)
 
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        """Write the current weights as a SevenNet checkpoint (``.pth``) that sevenn and
+        flytune load (``backbone = "path.pth"``).
+
+        The checkpoint is stamped with the installed sevenn version: the weights are
+        already in its layout, so sevenn must not apply its upgrade of old checkpoints
+        (sorted convolution weights, flipped Wigner-3j signs) a second time.
+        """
+        import sevenn
+        import sevenn.util
+
+        checkpoint = sevenn.util.load_checkpoint(self.spec).get_checkpoint_dict()
+        checkpoint["config"] = {**checkpoint["config"], "version": sevenn.__version__}
+        checkpoint["model_state_dict"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        checkpoint["optimizer_state_dict"] = checkpoint["scheduler_state_dict"] = None
+        torch.save(checkpoint, path)
+
     def random_parameters(self, seed: int) -> dict[str, torch.Tensor]:
         from sevenn.model_build import build_E3_equivariant_model
 
