@@ -302,6 +302,22 @@ def status_cmd(run_dir: Annotated[Path, typer.Argument(help="a run directory")])
     print_summary(summary, str(run_dir))
 
 
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (finished, stopped or still running)")],
+    out: Annotated[Optional[Path], typer.Option(help="where to write the report (default RUN_DIR/report)")] = None,
+    json_only: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
+) -> None:
+    """Figures (PNG), a self-contained report.html and report.json of an on-the-fly run."""
+    from flytune.report import write_report
+
+    summary = write_report(run_dir, out)
+    if json_only:
+        print(json.dumps(summary, indent=2))
+    else:
+        console.print(f"report written to {out or run_dir / 'report'}/report.html", highlight=False)
+
+
 @app.command("init")
 def init_cmd(
     path: Annotated[Path, typer.Argument(help="where to write the example configuration")] = Path("flytune.toml"),

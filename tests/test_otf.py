@@ -358,3 +358,30 @@ def test_calculator_under_an_optimiser_and_neb(workdir):
     BFGS(neb, logfile=None).run(fmax=0.05, steps=2)
     assert calc.state.force_calls > calls
     assert np.all(np.isfinite(images[1].get_forces()))
+
+
+def test_report_of_a_run_directory(uninterrupted, tmp_path, monkeypatch, capsys):
+    """`flytune report RUN_DIR --json`: the figures agree with the run's own summary, the
+    PNGs are images, and report.html opens offline (every image embedded)."""
+    from flytune.cli import main
+
+    out = tmp_path / "report"
+    monkeypatch.setattr(sys, "argv", ["flytune", "report", str(uninterrupted), "--out", str(out), "--json"])
+    main()
+    printed = json.loads(capsys.readouterr().out)
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    assert printed == json.loads((out / "report.json").read_text())
+    assert printed["reference_calls"] == summary["reference_calls"]
+    assert printed["md_steps"] == summary["steps"] and printed["force_calls"] == summary["force_calls"]
+    assert printed["exceed_fraction"] == pytest.approx(summary["exceed_fraction"])
+    assert printed["rmse_at_interventions_eV"] == pytest.approx(summary["rmse_at_interventions_eV"])
+    assert printed["calibration"]["shape"] == pytest.approx(summary["calibration"]["shape"])
+    assert sum(printed["calls_by_quarter"]) == summary["reference_calls"]
+    assert printed["time_reference_s"] == pytest.approx(summary["time_reference_s"])
+    page = (out / "report.html").read_text()
+    for name in ("calls", "errors", "sigma_error", "calibration", "traces"):
+        png = (out / f"{name}.png").read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+        assert f'alt="{name}"' in page
+    assert page.count("data:image/png;base64,") == 5
+    assert "http://" not in page and "https://" not in page
