@@ -8,6 +8,7 @@ import os
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,3 +33,78 @@ def write_results(name: str, results: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **results}, indent=2))
     return path
+
+
+def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int) -> dict:
+    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory: the
+    fine-tuned ensemble (``model.pt``) vs. the foundation ``backbone`` without fine-tuning,
+    both with the energy offset set at the run's first reference call. Reference
+    energies are cached in ``random_frames.jsonl`` next to the run directory."""
+    from ase.io import read
+
+    from flytune.bayes.ensemble import Ensemble
+    from flytune.otf.reference import make_reference
+    from flytune.units import KCAL_MOL
+
+    frames = read(run_dir / "trajectory.traj", ":")
+    picks = sorted(np.random.default_rng(0).choice(len(frames), size=min(n_frames, len(frames)), replace=False))
+    cache_path = run_dir.parent / "random_frames.jsonl"  # reference energies, resumable
+    cache = {}
+    if cache_path.exists():
+        cache = {r["frame"]: r["energy_raw"] for r in map(json.loads, cache_path.read_text().splitlines())}
+    reference = make_reference(reference_spec["name"], reference_spec.get("options", {}))
+    for i in picks:
+        if int(i) not in cache:
+            cache[int(i)] = reference.compute(frames[i]).energy
+            with open(cache_path, "a") as f:
+                f.write(json.dumps({"frame": int(i), "energy_raw": cache[int(i)]}) + "\n")
+    chosen = [frames[i] for i in picks]
+    raw = np.array([cache[int(i)] for i in picks])
+    with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
+        offset = ensemble.energy_offset  # set at the first reference call from the foundation
+        finetuned = ensemble.predict(chosen).energy
+    with Ensemble.pretrained(backbone) as pretrained:
+        foundation = pretrained.predict(chosen).energy
+    rmse = lambda pred: float(np.sqrt(np.mean((pred - (raw + offset)) ** 2)) / KCAL_MOL)  # noqa: E731
+    return {"random_frames": len(chosen), "rmse_random_finetuned_kcal": rmse(finetuned),
+            "rmse_random_pretrained_kcal": rmse(foundation)}
+
+
+def otf_result(summary: dict, run_dir: Path, plots: Path) -> dict:
+    """The figures of an on-the-fly run for a results file; its report PNGs go to ``plots``."""
+    from flytune.report import read_run, write_report
+
+    report = write_report(run_dir, plots)
+    (plots / "report.html").unlink()  # the PNGs are committed; the page would embed them again
+    result = {key: summary.get(key) for key in (
+        "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
+        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")}
+    result.update(calls_by_quarter=report["calls_by_quarter"],
+                  calls_over_time_ps=[r["time_fs"] / 1000 for r in read_run(run_dir).interventions])
+    return result
+
+
+def fit_and_score(train, validation, test, config, offline, force_error_threshold: float) -> dict:
+    """Offline fine-tuning on ``train``, then test-set metrics in kcal/mol units: force RMSE,
+    force MLL after recalibration (variance factor fitted on ``validation``), AUC-ROC of σ
+    for |force error| > ``force_error_threshold`` (eV/Å), energy RMSE."""
+    import time
+
+    from flytune.evaluation import evaluate
+    from flytune.finetune import finetune
+
+    start = time.perf_counter()
+    with finetune(train, config, offline=offline) as ensemble:
+        wall = time.perf_counter() - start
+        val = evaluate(ensemble, validation, force_error_threshold=force_error_threshold)
+        metrics = evaluate(ensemble, test, force_error_threshold=force_error_threshold,
+                           calibration_factor=val["calibration_factor"])
+    return {
+        "force_rmse": metrics["force_rmse_kcal"],
+        "force_mll": metrics["force_mll_recalibrated_kcal"],
+        "force_auc_roc": metrics["force_auc_roc"],
+        "energy_rmse": metrics["energy_rmse_kcal"],
+        "force_mll_uncalibrated": metrics["force_mll_kcal"],
+        "calibration_factor_validation": val["calibration_factor"],
+        "train_s": wall,
+    }

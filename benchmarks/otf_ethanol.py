@@ -34,16 +34,12 @@ import numpy as np
 from ase import Atoms
 from ase.build import molecule
 from ase.io import read, write
-from common import RESULTS, ROOT, write_results
+from common import RESULTS, ROOT, otf_result, random_frame_errors, write_results
 from speed import FAST
 from transfer_ethanol import PBE_CHECKPOINT
 
-from flytune.bayes.ensemble import Ensemble
 from flytune.config import RunConfig
-from flytune.otf.reference import make_reference
 from flytune.otf.run import run
-from flytune.report import read_run, write_report
-from flytune.units import KCAL_MOL
 
 FOUNDATIONS = {"sevennet0": "7net-0", "pbe": str(PBE_CHECKPOINT)}
 REFERENCE = {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}}
@@ -120,32 +116,6 @@ def conformer_analysis(run_dir, out_png) -> dict:
     }
 
 
-def random_frame_errors(run_dir, backbone: str, n_frames: int) -> dict:
-    """Energy RMSE (kcal/mol) on random trajectory frames: fine-tuned vs. the foundation."""
-    frames = read(run_dir / "trajectory.traj", ":")
-    picks = sorted(np.random.default_rng(0).choice(len(frames), size=min(n_frames, len(frames)), replace=False))
-    cache_path = run_dir.parent / "random_frames.jsonl"  # reference energies, resumable
-    cache = {}
-    if cache_path.exists():
-        cache = {r["frame"]: r["energy_raw"] for r in map(json.loads, cache_path.read_text().splitlines())}
-    reference = make_reference(REFERENCE["name"], REFERENCE["options"])
-    for i in picks:
-        if int(i) not in cache:
-            cache[int(i)] = reference.compute(frames[i]).energy
-            with open(cache_path, "a") as f:
-                f.write(json.dumps({"frame": int(i), "energy_raw": cache[int(i)]}) + "\n")
-    chosen = [frames[i] for i in picks]
-    raw = np.array([cache[int(i)] for i in picks])
-    with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
-        offset = ensemble.energy_offset  # set at the first reference call from the foundation
-        finetuned = ensemble.predict(chosen).energy
-    with Ensemble.pretrained(backbone) as pretrained:
-        foundation = pretrained.predict(chosen).energy
-    rmse = lambda pred: float(np.sqrt(np.mean((pred - (raw + offset)) ** 2)) / KCAL_MOL)  # noqa: E731
-    return {"random_frames": len(chosen), "rmse_random_finetuned_kcal": rmse(finetuned),
-            "rmse_random_pretrained_kcal": rmse(foundation)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("foundation", choices=sorted(FOUNDATIONS))
@@ -171,17 +141,11 @@ def main() -> None:
     summary = run(config)
     run_dir = folder / "run"
     plots = RESULTS / f"otf_ethanol_{args.foundation}"
-    report = write_report(run_dir, plots)
-    (plots / "report.html").unlink()  # the PNGs are committed; the page embeds them again
-    result = {key: summary.get(key) for key in (
-        "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
-        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")}
+    result = otf_result(summary, run_dir, plots)
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
         posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER,
-        calls_by_quarter=report["calls_by_quarter"],
-        calls_over_time_ps=[r["time_fs"] / 1000 for r in read_run(run_dir).interventions],
-        **random_frame_errors(run_dir, backbone, args.frames),
+        **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )
     path = RESULTS / "otf_ethanol.json"

@@ -38,13 +38,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, ETHANOL_CCSD_T, RESULTS, ROOT, write_results
+from common import DATA, ETHANOL_CCSD_T, RESULTS, ROOT, fit_and_score, write_results
 
 from flytune.backbones import load_backbone
 from flytune.config import ModelConfig, OfflineConfig
 from flytune.data import labels_of, read_labelled
-from flytune.evaluation import evaluate
-from flytune.finetune import finetune
 from flytune.units import KCAL_MOL
 
 PBE_TRAIN = DATA / "ethanol_rmd17_pbe_botnet" / "train.xyz"
@@ -140,21 +138,8 @@ def run_one(method: str, train, validation, test, seed: int) -> dict:
     config = ModelConfig(backbone=backbone, prior=prior, chains=SETTINGS["chains"], workers=2, threads_per_worker=1)
     offline = OfflineConfig(initial_steps=SETTINGS["initial_steps"], eta_start=SETTINGS["eta_start"],
                             eta_end=SETTINGS["eta_end"], noise=method != "deep_ensemble", seed=seed)
-    threshold = SETTINGS["force_error_threshold_kcal_mol_A"] * KCAL_MOL
-    start = time.perf_counter()
-    with finetune(train, config, offline=offline) as ensemble:
-        wall = time.perf_counter() - start
-        val = evaluate(ensemble, validation, force_error_threshold=threshold)
-        metrics = evaluate(ensemble, test, force_error_threshold=threshold, calibration_factor=val["calibration_factor"])
-    return {
-        "force_rmse": metrics["force_rmse_kcal"],
-        "force_mll": metrics["force_mll_recalibrated_kcal"],
-        "force_auc_roc": metrics["force_auc_roc"],
-        "energy_rmse": metrics["energy_rmse_kcal"],
-        "force_mll_uncalibrated": metrics["force_mll_kcal"],
-        "calibration_factor_validation": val["calibration_factor"],
-        "train_s": wall,
-    }
+    return fit_and_score(train, validation, test, config, offline,
+                         SETTINGS["force_error_threshold_kcal_mol_A"] * KCAL_MOL)
 
 
 def plot(runs: dict, path: Path) -> None:
