@@ -155,6 +155,8 @@ def plot(runs: dict, path: Path) -> None:
             ax.plot(ns, [by_n[str(n)][key] for n in ns], "o-", label=method)
     for ax, label in zip(axes, ("force RMSE (kcal/mol/Å)", "force MLL, recalibrated", "AUC-ROC, |ΔF| > 1 kcal/mol/Å")):
         ax.set_xscale("log")
+        ax.set_xticks(NS, [str(n) for n in NS])
+        ax.minorticks_off()
         ax.set_xlabel("training frames N")
         ax.set_ylabel(label)
     axes[0].set_yscale("log")
