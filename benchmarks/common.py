@@ -65,7 +65,7 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
         finetuned = ensemble.predict(chosen).energy
     with Ensemble.pretrained(backbone) as pretrained:
         foundation = pretrained.predict(chosen).energy
-    rmse = lambda pred: float(np.sqrt(np.mean((pred - (raw + offset)) ** 2)) / KCAL_MOL)  # noqa: E731
+    rmse = lambda pred: float(np.sqrt(np.mean((pred - (raw + offset)) ** 2)) / KCAL_MOL)
     return {"random_frames": len(chosen), "rmse_random_finetuned_kcal": rmse(finetuned),
             "rmse_random_pretrained_kcal": rmse(foundation)}
 

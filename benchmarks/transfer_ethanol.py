@@ -67,7 +67,7 @@ SETTINGS = {
 def split(frames):
     order = np.random.default_rng(SETTINGS["split_seed"]).permutation(len(frames))
     n_val, n_test = SETTINGS["validation_frames"], SETTINGS["test_frames"]
-    pick = lambda idx: [frames[i] for i in idx]  # noqa: E731
+    pick = lambda idx: [frames[i] for i in idx]
     return pick(order[:n_val]), pick(order[n_val : n_val + n_test]), pick(order[n_val + n_test :])
 
 
@@ -121,7 +121,7 @@ def pretrain_on_pbe() -> dict:
     after = _energy_force_errors(backbone, test, offset)
     WORK.mkdir(parents=True, exist_ok=True)
     backbone.save_checkpoint(PBE_CHECKPOINT)
-    rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)  # noqa: E731
+    rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)
     return {
         "data": "ethanol_rmd17_pbe_botnet/train.xyz (1000 PBE/def2-SVP frames); test: first 200 of test_MD.xyz",
         "settings": cfg,

@@ -99,7 +99,7 @@ def rmse_vs_sigma(sigma: np.ndarray, error: np.ndarray, width: float | None = No
         return np.array([]), np.array([])
     order = np.argsort(sigma, kind="stable")
     width = max(1.0, sigma.size / 10) if width is None else width
-    smooth = lambda x: gaussian_filter1d(x[order] ** 2, width, mode="nearest")  # noqa: E731
+    smooth = lambda x: gaussian_filter1d(x[order] ** 2, width, mode="nearest")
     return np.sqrt(smooth(sigma)), np.sqrt(smooth(error))
 
 
