@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import time
 from pathlib import Path
 
 import numpy as np
@@ -88,8 +89,6 @@ def fit_and_score(train, validation, test, config, offline, force_error_threshol
     """Offline fine-tuning on ``train``, then test-set metrics in kcal/mol units: force RMSE,
     force MLL after recalibration (variance factor fitted on ``validation``), AUC-ROC of σ
     for |force error| > ``force_error_threshold`` (eV/Å), energy RMSE."""
-    import time
-
     from flytune.evaluation import evaluate
     from flytune.finetune import finetune
 

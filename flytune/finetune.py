@@ -8,7 +8,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-
 from ase import Atoms
 
 from flytune.bayes.chains import ChainJob, Progress, StopFlag

@@ -31,7 +31,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from flytune.config import UncertaintyConfig
 from flytune.errors import FlytuneError
-from flytune.otf.rundir import RunDirectory
+from flytune.otf.rundir import RunDirectory, intervention_figures
 from flytune.units import energy_to_eV
 
 FIGURES = ("calls", "errors", "sigma_error", "calibration", "traces")
@@ -72,8 +72,7 @@ def read_run(path: str | Path) -> RunLog:
                 for k, v in row.items():
                     steps.setdefault(k, []).append(v)
     arrays = {k: _column(v) for k, v in steps.items()}
-    records = [json.loads(line) for line in rd.interventions.read_text().splitlines() if line.strip()] \
-        if rd.interventions.exists() else []
+    records = rd.read_interventions()
     summary = json.loads(rd.summary.read_text()) if rd.summary.exists() else None
     return RunLog(Path(path), arrays, records, uncertainty.threshold_eV, uncertainty.threshold_unit, summary)
 
@@ -105,14 +104,12 @@ def rmse_vs_sigma(sigma: np.ndarray, error: np.ndarray, width: float | None = No
 
 def summarize_run(run: RunLog) -> dict:
     """Figures of a run from its logs (energies in eV and in the display unit)."""
-    scored = run.scored()
-    errors = np.array([r["error"] for r in scored])
-    sigma = np.array([r["calibrated_std"] for r in scored])
+    exceed, rmse = intervention_figures(run.interventions, run.threshold_eV)
+    sigma = np.array([r["calibrated_std"] for r in run.scored()])
     times = np.array([r["time_fs"] for r in run.interventions])
     steps = run.steps.get("step", np.array([]))
     time_fs = run.steps.get("time_fs", np.array([]))
     simulated_fs = float(time_fs[-1]) if time_fs.size else 0.0
-    rmse = float(np.sqrt(np.mean(errors**2))) if errors.size else None
     out = {
         "run_dir": str(run.path),
         "md_steps": int(steps[-1]) if steps.size else 0,
@@ -121,7 +118,7 @@ def summarize_run(run: RunLog) -> dict:
         "reference_calls": len(run.interventions),
         "threshold_eV": run.threshold_eV,
         "unit": run.unit,
-        "exceed_fraction": float(np.mean(np.abs(errors) > run.threshold_eV)) if errors.size else None,
+        "exceed_fraction": exceed,
         "rmse_at_interventions_eV": rmse,
         "rmse_at_interventions_unit": rmse / run.per_unit if rmse is not None else None,
         "mean_calibrated_std_eV": float(np.sqrt(np.mean(sigma**2))) if sigma.size else None,

@@ -27,7 +27,7 @@ from flytune.data import read_structures
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, SafetyNets
 from flytune.otf.reference import ReferenceFailure, make_reference
-from flytune.otf.rundir import RunDirectory
+from flytune.otf.rundir import RunDirectory, intervention_figures
 from flytune.units import KCAL_MOL
 
 Log = Callable[[str], None]
@@ -122,17 +122,15 @@ def read_start_structure(path: str) -> Atoms:
 def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDConfig, wall_s: float,
               threshold: float, stopped: str | None) -> dict:
     """Figures of the run from its files (so a resumed run reports the whole run)."""
-    records = [json.loads(line) for line in rd.interventions.read_text().splitlines()] if rd.interventions.exists() else []
-    errors = np.array([r["error"] for r in records if not r["first"]])
+    exceed, rmse = intervention_figures(rd.read_interventions(), threshold)
     st = calc.state
     cal = calc.ensemble.calibrator
-    rmse = float(np.sqrt(np.mean(errors**2))) if errors.size else None
     return {
         "steps": md_steps,
         "simulated_ps": md_steps * md.timestep_fs / 1000,
         "force_calls": st.force_calls,
         "reference_calls": st.reference_calls,
-        "exceed_fraction": float(np.mean(np.abs(errors) > threshold)) if errors.size else None,
+        "exceed_fraction": exceed,
         "rmse_at_interventions_eV": rmse,
         "rmse_at_interventions_kcal": rmse / KCAL_MOL if rmse is not None else None,
         "threshold_eV": threshold,

@@ -127,6 +127,12 @@ class RunDirectory:
     def append_intervention(self, record: dict) -> None:
         _fsync_append(self.interventions, json.dumps(record) + "\n")
 
+    def read_interventions(self) -> list[dict]:
+        """The records of ``interventions.jsonl``, in order (none before the first call)."""
+        if not self.interventions.exists():
+            return []
+        return [json.loads(line) for line in self.interventions.read_text().splitlines() if line.strip()]
+
     def append_frame(self, atoms: Atoms) -> None:
         with Trajectory(self.trajectory, "a") as traj:
             traj.write(atoms)
@@ -204,3 +210,12 @@ def _rewrite_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
+
+
+def intervention_figures(records: list[dict], threshold_eV: float) -> tuple[float | None, float | None]:
+    """(fraction of |error| > ε, RMSE in eV) over the interventions that test a
+    prediction: all but the first, whose error is zero by the energy offset. None if none."""
+    errors = np.array([r["error"] for r in records if not r["first"]])
+    if not errors.size:
+        return None, None
+    return float(np.mean(np.abs(errors) > threshold_eV)), float(np.sqrt(np.mean(errors**2)))
