@@ -107,3 +107,35 @@ def fit_and_score(train, validation, test, config, offline, force_error_threshol
         "calibration_factor_validation": val["calibration_factor"],
         "train_s": wall,
     }
+
+
+def plot_scores_vs_n(runs: dict, ns, path: Path, title: str, rmse_line: float | None = None,
+                     baseline_rmse: float | None = None) -> None:
+    """Force RMSE, recalibrated MLL and AUC-ROC against the number of training frames,
+    one line per method (``runs[method][str(N)]`` holds ``fit_and_score``'s figures)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for method, by_n in runs.items():
+        done = sorted(int(n) for n in by_n)
+        for ax, key in zip(axes, ("force_rmse", "force_mll", "force_auc_roc")):
+            ax.plot(done, [by_n[str(n)][key] for n in done], "o-", label=method)
+    for ax, label in zip(axes, ("force RMSE (kcal/mol/Å)", "force MLL, recalibrated", "AUC-ROC, |ΔF| > 1 kcal/mol/Å")):
+        ax.set_xscale("log")
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.minorticks_off()
+        ax.set_xlabel("training frames N")
+        ax.set_ylabel(label)
+    axes[0].set_yscale("log")
+    if rmse_line is not None:
+        axes[0].axhline(rmse_line, color="grey", ls=":", lw=1)
+    if baseline_rmse is not None:
+        axes[0].axhline(baseline_rmse, color="k", ls="--", lw=1, label="without fine-tuning")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)

@@ -34,11 +34,18 @@ import argparse
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-from common import DATA, ETHANOL_CCSD_T, RESULTS, ROOT, fit_and_score, write_results
+from common import (
+    DATA,
+    ETHANOL_CCSD_T,
+    RESULTS,
+    ROOT,
+    fit_and_score,
+    plot_scores_vs_n,
+    write_results,
+)
 
 from flytune.backbones import load_backbone
 from flytune.config import ModelConfig, OfflineConfig
@@ -142,32 +149,6 @@ def run_one(method: str, train, validation, test, seed: int) -> dict:
                          SETTINGS["force_error_threshold_kcal_mol_A"] * KCAL_MOL)
 
 
-def plot(runs: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for method, by_n in runs.items():
-        ns = sorted(int(n) for n in by_n)
-        for ax, key in zip(axes, ("force_rmse", "force_mll", "force_auc_roc")):
-            ax.plot(ns, [by_n[str(n)][key] for n in ns], "o-", label=method)
-    for ax, label in zip(axes, ("force RMSE (kcal/mol/Å)", "force MLL, recalibrated", "AUC-ROC, |ΔF| > 1 kcal/mol/Å")):
-        ax.set_xscale("log")
-        ax.set_xticks(NS, [str(n) for n in NS])
-        ax.minorticks_off()
-        ax.set_xlabel("training frames N")
-        ax.set_ylabel(label)
-    axes[0].set_yscale("log")
-    axes[0].axhline(0.5, color="grey", ls=":", lw=1)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("Ethanol CCSD(T) forces: transfer prior vs. training from scratch")
-    fig.tight_layout()
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(METHODS))
@@ -191,7 +172,8 @@ def main() -> None:
             "runs": runs,
         })
         if runs:
-            plot(runs, RESULTS / "transfer_ethanol.png")
+            plot_scores_vs_n(runs, NS, RESULTS / "transfer_ethanol.png",
+                             "Ethanol CCSD(T) forces: transfer prior vs. training from scratch", rmse_line=0.5)
 
     frames = read_labelled(ETHANOL_CCSD_T)
     validation, test, pool = split(frames)

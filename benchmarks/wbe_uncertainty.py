@@ -21,7 +21,7 @@ import argparse
 import json
 
 import numpy as np
-from common import DATA, RESULTS, fit_and_score, write_results
+from common import DATA, RESULTS, fit_and_score, plot_scores_vs_n, write_results
 
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import ModelConfig, OfflineConfig
@@ -74,6 +74,9 @@ def main() -> None:
         print(f"N={n}:", runs[str(n)], flush=True)
         write_results("wbe_uncertainty", {"settings": SETTINGS, "pretrained": pretrained, "runs": runs,
                                           "units": "kcal/mol, kcal/mol/Å; MLL per force component"})
+    plot_scores_vs_n({"transfer_sevennet0": runs}, sorted(int(n) for n in runs), RESULTS / "wbe_uncertainty.png",
+                     "W–Be (Be36W12) PBE MD frames: SevenNet-0 fine-tuned, held-out frames",
+                     baseline_rmse=pretrained["force_rmse"])
 
 
 if __name__ == "__main__":
