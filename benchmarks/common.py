@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -71,15 +72,33 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
             "rmse_random_pretrained_kcal": rmse(foundation)}
 
 
-def otf_result(summary: dict, run_dir: Path, plots: Path) -> dict:
+def run_for(config, hours: float | None) -> dict:
+    """Start or resume an on-the-fly run and advance it to the end of its schedule, or
+    stop it after ``hours`` of wall time (between MD steps, so no update is cut short);
+    the run resumes from there with the same command."""
+    from flytune.otf.run import run
+
+    if hours is None:
+        return run(config)
+    stop, deadline = threading.Event(), time.monotonic() + hours * 3600
+
+    def on_progress(_run) -> None:
+        if time.monotonic() > deadline:
+            stop.set()
+
+    return run(config, stop=stop, on_progress=on_progress)
+
+
+def otf_result(summary: dict, run_dir: Path, plots: Path, target_ps: float) -> dict:
     """The figures of an on-the-fly run for a results file; its report PNGs go to ``plots``."""
     from flytune.report import read_run, write_report
 
     report = write_report(run_dir, plots)
     (plots / "report.html").unlink()  # the PNGs are committed; the page would embed them again
-    result = {key: summary.get(key) for key in (
+    result = {"target_ps": target_ps, "complete": summary["simulated_ps"] >= target_ps - 1e-9}
+    result.update({key: summary.get(key) for key in (
         "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
-        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")}
+        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")})
     result.update(calls_by_quarter=report["calls_by_quarter"],
                   calls_over_time_ps=[r["time_fs"] / 1000 for r in read_run(run_dir).interventions])
     return result

@@ -34,12 +34,18 @@ import numpy as np
 from ase import Atoms
 from ase.build import molecule
 from ase.io import read, write
-from common import RESULTS, ROOT, otf_result, random_frame_errors, write_results
+from common import (
+    RESULTS,
+    ROOT,
+    otf_result,
+    random_frame_errors,
+    run_for,
+    write_results,
+)
 from speed import FAST
 from transfer_ethanol import PBE_CHECKPOINT
 
 from flytune.config import RunConfig
-from flytune.otf.run import run
 
 FOUNDATIONS = {"sevennet0": "7net-0", "pbe": str(PBE_CHECKPOINT)}
 REFERENCE = {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}}
@@ -121,6 +127,7 @@ def main() -> None:
     parser.add_argument("foundation", choices=sorted(FOUNDATIONS))
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
+    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
     args = parser.parse_args()
     backbone = FOUNDATIONS[args.foundation]
     if args.foundation == "pbe" and not PBE_CHECKPOINT.exists():
@@ -138,10 +145,10 @@ def main() -> None:
                "steps": round(args.ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
-    summary = run(config)
+    summary = run_for(config, args.hours)
     run_dir = folder / "run"
     plots = RESULTS / f"otf_ethanol_{args.foundation}"
-    result = otf_result(summary, run_dir, plots)
+    result = otf_result(summary, run_dir, plots, args.ps)
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
         posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER,
@@ -153,7 +160,7 @@ def main() -> None:
     runs = stored.get("runs", {})
     runs[args.foundation] = result
     main_run = runs.get("pbe") or runs.get("sevennet0")
-    keys = ("reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "rmse_random_finetuned_kcal",
+    keys = ("complete", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "rmse_random_finetuned_kcal",
             "rmse_random_pretrained_kcal", "simulated_ps")
     out = {**{k: main_run[k] for k in keys}, "top_level_keys_from": "pbe" if "pbe" in runs else "sevennet0",
            "settings": {"temperature_K": 300, "timestep_fs": TIMESTEP_FS, "threshold_kcal_mol": 0.5,

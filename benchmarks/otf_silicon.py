@@ -25,11 +25,17 @@ import json
 
 from ase.build import bulk
 from ase.io import write
-from common import RESULTS, ROOT, otf_result, random_frame_errors, write_results
+from common import (
+    RESULTS,
+    ROOT,
+    otf_result,
+    random_frame_errors,
+    run_for,
+    write_results,
+)
 from speed import FAST
 
 from flytune.config import RunConfig
-from flytune.otf.run import run
 
 REFERENCE = {"name": "tblite", "options": {"method": "GFN1-xTB"}}
 THRESHOLD_KCAL = 6.0 / 40 * 8
@@ -46,6 +52,7 @@ FORCE_CALL_AFTER = 200
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=50)
+    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
     args = parser.parse_args()
     folder = ROOT / "benchmarks" / "runs" / "otf_silicon"
     folder.mkdir(parents=True, exist_ok=True)
@@ -61,9 +68,9 @@ def main() -> None:
         "md": {"driver": "npt", "timestep_fs": 1.0, "pressure_bar": 1.0, "schedule": SCHEDULE, "trajectory_every": 5},
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
-    summary = run(config)
+    summary = run_for(config, args.hours)
     run_dir = folder / "run"
-    result = otf_result(summary, run_dir, RESULTS / "otf_silicon")
+    result = otf_result(summary, run_dir, RESULTS / "otf_silicon", sum(s["steps"] for s in SCHEDULE) / 1000)
     result.update(
         system="Si8 cubic diamond cell, NPT 1 bar", schedule=SCHEDULE, threshold_kcal_mol=THRESHOLD_KCAL,
         reference=REFERENCE, posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER,
