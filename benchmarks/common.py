@@ -91,16 +91,16 @@ def run_for(config, hours: float | None) -> dict:
 
 def otf_result(summary: dict, run_dir: Path, plots: Path, target_ps: float) -> dict:
     """The figures of an on-the-fly run for a results file; its report PNGs go to ``plots``."""
-    from flytune.report import read_run, write_report
+    from flytune.report import plot_all, read_run, summarize_run
 
-    report = write_report(run_dir, plots)
-    (plots / "report.html").unlink()  # the PNGs are committed; the page would embed them again
-    result = {"target_ps": target_ps, "complete": summary["simulated_ps"] >= target_ps - 1e-9}
+    log = read_run(run_dir)
+    plot_all(log, plots)
+    result = {"target_ps": target_ps, "complete": summary["stopped"] is None}
     result.update({key: summary.get(key) for key in (
         "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
         "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")})
-    result.update(calls_by_quarter=report["calls_by_quarter"],
-                  calls_over_time_ps=[r["time_fs"] / 1000 for r in read_run(run_dir).interventions])
+    result.update(calls_by_quarter=summarize_run(log)["calls_by_quarter"],
+                  calls_over_time_ps=[r["time_fs"] / 1000 for r in log.interventions])
     return result
 
 
