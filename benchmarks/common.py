@@ -6,7 +6,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import threading
 import time
 from pathlib import Path
 
@@ -75,18 +74,19 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
 def run_for(config, hours: float | None) -> dict:
     """Start or resume an on-the-fly run and advance it to the end of its schedule, or
     stop it after ``hours`` of wall time (between MD steps, so no update is cut short);
-    the run resumes from there with the same command."""
+    the run resumes from there with the same command. Ctrl-C (SIGINT) stops it the same
+    way."""
     from flytune.otf.run import run
+    from flytune.progress import stop_on_sigint
 
-    if hours is None:
-        return run(config)
-    stop, deadline = threading.Event(), time.monotonic() + hours * 3600
+    deadline = time.monotonic() + (hours if hours is not None else float("inf")) * 3600
+    with stop_on_sigint() as stop:
 
-    def on_progress(_run) -> None:
-        if time.monotonic() > deadline:
-            stop.set()
+        def on_progress(_run) -> None:
+            if time.monotonic() > deadline:
+                stop.set()
 
-    return run(config, stop=stop, on_progress=on_progress)
+        return run(config, stop=stop, on_progress=on_progress)
 
 
 def otf_result(summary: dict, run_dir: Path, plots: Path, target_ps: float) -> dict:
