@@ -79,7 +79,7 @@ def run_for(config, hours: float | None) -> dict:
     from flytune.otf.run import run
     from flytune.progress import stop_on_sigint
 
-    deadline = time.monotonic() + (hours if hours is not None else float("inf")) * 3600
+    deadline = float("inf") if hours is None else time.monotonic() + hours * 3600
     with stop_on_sigint() as stop:
 
         def on_progress(_run) -> None:

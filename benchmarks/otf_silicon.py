@@ -99,15 +99,15 @@ def main() -> None:
         atoms = bulk("Si", "diamond", a=5.43, cubic=True)
         atoms.rattle(0.05, seed=1)
         write(structure, atoms)
+    run_dir = folder / "run"
     config = RunConfig.model_validate({
-        "structure": str(structure), "run_dir": str(folder / "run"), "seed": 1,
+        "structure": str(structure), "run_dir": str(run_dir), "seed": 1,
         "model": {"backbone": "7net-0", **FAST}, "reference": in_folder(reference, folder, "run"),
         "uncertainty": {"threshold": THRESHOLD_KCAL, "threshold_unit": "kcal/mol"},
         "md": {"driver": "npt", "timestep_fs": 1.0, "pressure_bar": 1.0, "schedule": SCHEDULE, "trajectory_every": 5},
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
     summary = run_for(config, args.hours)
-    run_dir = folder / "run"
     result = otf_result(summary, run_dir, RESULTS / name, sum(s["steps"] for s in SCHEDULE) / 1000)
     result.update(
         system="Si8 cubic diamond cell, NPT 1 bar", schedule=SCHEDULE, threshold_kcal_mol=THRESHOLD_KCAL,
