@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ class Recorder(EarlyStop):
     """The run's early-stop rule, called at the same test points, that records each test
     (the series as they stood) and never stops the chain."""
 
-    calls: list | None = None
+    calls: list = field(default_factory=list)
 
     def settled(self, newest_ll, mean_ll) -> bool:
         self.calls.append((list(newest_ll), list(mean_ll), super().settled(newest_ll, mean_ll)))
@@ -65,16 +65,15 @@ def main() -> None:
     first_full_noise = int(np.argmax(schedule.temperature >= 1.0)) + 1  # 1-based step
     chains = []
     for index in map(int, args.chains.split(",")):
-        calls: list = []
-        recorder = Recorder(window=window, tolerance_nats=config.early_stop_tolerance_nats, calls=calls)
+        recorder = Recorder(window=window, tolerance_nats=config.early_stop_tolerance_nats)
         ensemble.run([ChainJob(ensemble.chains[index], schedule, priority=True, replace_samples=True,
                                early_stop=recorder)])
-        newest, mean = calls[-1][0], calls[-1][1]
+        newest, mean = recorder.calls[-1][0], recorder.calls[-1][1]
         chain_tests = [{
             "step": first_full_noise + len(m) - 1, "newest_values": len(n),
             "drift_newest": drift(n, window), "se_newest": standard_error(n, window),
             "drift_mean": drift(m, window), "se_mean": standard_error(m, window), "settled": settled,
-        } for n, m, settled in calls]
+        } for n, m, settled in recorder.calls]
         chains.append({"chain": index, "newest_ll_means_of_8": window_means(newest),
                        "mean_ll_means_of_8": window_means(mean), "tests": chain_tests})
         for t in chain_tests:
