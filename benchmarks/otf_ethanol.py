@@ -21,8 +21,13 @@ made during trans ↔ gauche transitions against the share of time spent in them
 
 The run lives in ``benchmarks/runs/otf_ethanol_<foundation>/`` and resumes where it
 stopped (``--ps`` may be raised to extend it); recomputed reference energies are cached.
+A run longer than one sitting goes in parts: ``--hours H --pack`` advances it for H hours
+and packs it into ``benchmarks/state/otf_ethanol_<foundation>.tar.xz`` (``flytune pack``;
+commit that file) instead of reporting; on a machine without the run directory, the next
+part unpacks it and continues bit for bit.
 
     .venv/bin/python benchmarks/otf_ethanol.py pbe --ps 2 [--frames 150]
+    .venv/bin/python benchmarks/otf_ethanol.py sevennet0 --ps 2 --hours 2 --pack
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from speed import FAST
 from transfer_ethanol import PBE_CHECKPOINT
 
 from flytune.config import RunConfig
+from flytune.otf.rundir import pack, unpack
 
 FOUNDATIONS = {"sevennet0": "7net-0", "pbe": str(PBE_CHECKPOINT)}
 REFERENCE = {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}}
@@ -128,17 +134,24 @@ def main() -> None:
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
     parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
+    parser.add_argument("--pack", action="store_true",
+                        help="after the run (or --hours), pack it into benchmarks/state/ for the next part; no report")
     args = parser.parse_args()
     backbone = FOUNDATIONS[args.foundation]
     if args.foundation == "pbe" and not PBE_CHECKPOINT.exists():
         parser.error(f"{PBE_CHECKPOINT} is missing: run benchmarks/transfer_ethanol.py first (it builds it)")
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{args.foundation}"
     folder.mkdir(parents=True, exist_ok=True)
+    run_dir = folder / "run"
+    state = ROOT / "benchmarks" / "state" / f"otf_ethanol_{args.foundation}.tar.xz"
+    if state.exists() and not run_dir.exists():
+        print(f"continuing the packed run {state}")
+        unpack(state, run_dir)
     structure = folder / "ethanol.xyz"
     if not structure.exists():
         write(structure, molecule("CH3CH2OH"))
     config = RunConfig.model_validate({
-        "structure": str(structure), "run_dir": str(folder / "run"), "seed": 1,
+        "structure": str(structure), "run_dir": str(run_dir), "seed": 1,
         "model": {"backbone": backbone, **FAST}, "reference": REFERENCE,
         "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": TIMESTEP_FS, "temperature_K": 300,
@@ -146,7 +159,9 @@ def main() -> None:
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
     summary = run_for(config, args.hours)
-    run_dir = folder / "run"
+    if args.pack:
+        print(f"{summary['simulated_ps']:.3f} ps, {summary['reference_calls']} calls; packed into {pack(run_dir, state)}")
+        return
     plots = RESULTS / f"otf_ethanol_{args.foundation}"
     result = otf_result(summary, run_dir, plots, args.ps)
     result.update(

@@ -318,6 +318,30 @@ def report_cmd(
         console.print(f"report written to {out or run_dir / 'report'}/report.html", highlight=False)
 
 
+@app.command("pack")
+def pack_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="a stopped run directory")],
+    archive: Annotated[Path, typer.Argument(help="the file to write (.tar.xz)")],
+) -> None:
+    """Pack a run directory into one compressed file, to move it to another machine or keep
+    it between batch jobs; `flytune unpack` restores it and `flytune run` resumes it."""
+    from flytune.otf.rundir import pack
+
+    path = pack(run_dir, archive)
+    console.print(f"{run_dir} packed into {path} ({path.stat().st_size / 1e6:.1f} MB)", highlight=False)
+
+
+@app.command("unpack")
+def unpack_cmd(
+    archive: Annotated[Path, typer.Argument(help="a file written by `flytune pack`")],
+    run_dir: Annotated[Path, typer.Argument(help="the run directory to create (new or empty)")],
+) -> None:
+    """Restore a packed run directory; point the config's run_dir at it and `flytune run` resumes."""
+    from flytune.otf.rundir import unpack
+
+    console.print(f"unpacked into {unpack(archive, run_dir)}", highlight=False)
+
+
 @app.command("init")
 def init_cmd(
     path: Annotated[Path, typer.Argument(help="where to write the example configuration")] = Path("flytune.toml"),

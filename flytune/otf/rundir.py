@@ -9,15 +9,18 @@
   state and the lengths of every log, written atomically (write, fsync, rename).
 
 A resumed run truncates the logs to the checkpoint's lengths and replays the labels
-written after it, so no label is lost or duplicated.
+written after it, so no label is lost or duplicated. :func:`pack` and :func:`unpack` carry
+a run directory to another machine (or keep it between batch jobs) as one tar.xz file.
 """
 
 from __future__ import annotations
 
 import csv
 import fcntl
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +213,67 @@ def _rewrite_lines(path: Path, lines: list[str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in lines))
     os.replace(tmp, path)
+
+
+#: SGHMC statistics that every update re-initialises (``sghmc.init`` before its first step)
+RESET_BY_NEXT_UPDATE = ("momenta", "sq_grad_avg", "sq_grad_max")
+#: not packed: the lock, the final ensemble and the report (``flytune run`` and
+#: ``flytune report`` write them again)
+NOT_PACKED = (".lock", "model.pt", "report")
+
+
+def compact_checkpoint(state: dict) -> dict:
+    """The checkpoint with the statistics that the next update resets zeroed, for chains
+    whose last update completed: the run continues bit for bit, and the zeros compress
+    away (the SGHMC state of a chain is then its parameters only)."""
+    for chain in state["ensemble"]["chains"]:
+        if not chain["interrupted"]:
+            for key in RESET_BY_NEXT_UPDATE:
+                chain["state"][key] = {k: torch.zeros_like(v) for k, v in chain["state"][key].items()}
+    return state
+
+
+def pack(run_dir: str | os.PathLike, archive: str | os.PathLike) -> Path:
+    """Write a stopped run directory to one ``.tar.xz`` file with a compact checkpoint
+    (:func:`compact_checkpoint`); :func:`unpack` restores it and the run resumes where it
+    stopped. Refuses a directory in use by a run."""
+    rd, archive = RunDirectory(run_dir), Path(archive)
+    if not rd.resumable:
+        raise FlytuneError(f"{str(rd.path)!r} has no checkpoint/checkpoint.pt: is it a flytune run directory?")
+    rd.lock()
+    try:
+        checkpoint = io.BytesIO()
+        torch.save(compact_checkpoint(rd.read_checkpoint()), checkpoint)
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        tmp = archive.with_name(archive.name + ".tmp")
+        with tarfile.open(tmp, "w:xz") as tar:
+            for path in sorted(rd.path.rglob("*")):
+                rel = path.relative_to(rd.path)
+                if path.is_file() and rel.parts[0] not in NOT_PACKED and path != rd.checkpoint and path.suffix != ".tmp":
+                    tar.add(path, arcname=str(rel))
+            info = tarfile.TarInfo(str(rd.checkpoint.relative_to(rd.path)))
+            info.size = checkpoint.getbuffer().nbytes
+            checkpoint.seek(0)
+            tar.addfile(info, checkpoint)
+        os.replace(tmp, archive)
+    finally:
+        rd.unlock()
+    return archive
+
+
+def unpack(archive: str | os.PathLike, run_dir: str | os.PathLike) -> Path:
+    """Recreate the run directory written by :func:`pack` at ``run_dir`` (new or empty)."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FlytuneError(f"{str(run_dir)!r} is not empty: unpack into a new directory")
+    try:
+        with tarfile.open(archive, "r:xz") as tar:
+            tar.extractall(run_dir, filter="data")
+    except (OSError, tarfile.TarError) as exc:
+        raise FlytuneError(f"cannot unpack {str(archive)!r} ({exc}); pass a file written by `flytune pack`") from exc
+    if not RunDirectory(run_dir).resumable:
+        raise FlytuneError(f"{str(archive)!r} holds no flytune checkpoint; pass a file written by `flytune pack`")
+    return run_dir
 
 
 def intervention_figures(records: list[dict], threshold_eV: float) -> tuple[float | None, float | None]:
