@@ -21,19 +21,20 @@ made during trans ↔ gauche transitions against the share of time spent in them
 
 The run lives in ``benchmarks/runs/otf_ethanol_<foundation>/`` and resumes where it
 stopped (``--ps`` may be raised to extend it); recomputed reference energies are cached.
-A run longer than one sitting goes in parts: ``--hours H --pack`` advances it for H hours
-and packs it into ``benchmarks/state/otf_ethanol_<foundation>.tar.xz`` (``flytune pack``;
-commit that file) instead of reporting; on a machine without the run directory, the next
-part unpacks it and continues bit for bit.
+A run longer than one sitting goes in parts: ``--hours H --state FILE`` advances it for H
+hours and packs it into FILE (``flytune pack``, ~16 MB: keep it on storage that persists,
+not in the repository) instead of reporting; on a machine without the run directory, the
+next part unpacks FILE and continues it.
 
     .venv/bin/python benchmarks/otf_ethanol.py pbe --ps 2 [--frames 150]
-    .venv/bin/python benchmarks/otf_ethanol.py sevennet0 --ps 2 --hours 2 --pack
+    .venv/bin/python benchmarks/otf_ethanol.py sevennet0 --ps 2 --hours 2 --state ../shared/data/flytune_state/otf_ethanol_sevennet0.tar.xz
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -134,8 +135,8 @@ def main() -> None:
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
     parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
-    parser.add_argument("--pack", action="store_true",
-                        help="after the run (or --hours), pack it into benchmarks/state/ for the next part; no report")
+    parser.add_argument("--state", type=Path,
+                        help="a run in parts: unpack this file if the run directory is missing; pack into it at the end, no report")
     args = parser.parse_args()
     backbone = FOUNDATIONS[args.foundation]
     if args.foundation == "pbe" and not PBE_CHECKPOINT.exists():
@@ -143,10 +144,9 @@ def main() -> None:
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{args.foundation}"
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = folder / "run"
-    state = ROOT / "benchmarks" / "state" / f"otf_ethanol_{args.foundation}.tar.xz"
-    if state.exists() and not run_dir.exists():
-        print(f"continuing the packed run {state}")
-        unpack(state, run_dir)
+    if args.state and args.state.exists() and not run_dir.exists():
+        print(f"continuing the packed run {args.state}")
+        unpack(args.state, run_dir)
     structure = folder / "ethanol.xyz"
     if not structure.exists():
         write(structure, molecule("CH3CH2OH"))
@@ -159,8 +159,8 @@ def main() -> None:
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
     summary = run_for(config, args.hours)
-    if args.pack:
-        print(f"{summary['simulated_ps']:.3f} ps, {summary['reference_calls']} calls; packed into {pack(run_dir, state)}")
+    if args.state:
+        print(f"{summary['simulated_ps']:.3f} ps, {summary['reference_calls']} calls; packed into {pack(run_dir, args.state)}")
         return
     plots = RESULTS / f"otf_ethanol_{args.foundation}"
     result = otf_result(summary, run_dir, plots, args.ps)
