@@ -40,7 +40,9 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory: the
     fine-tuned ensemble (``model.pt``) vs. the foundation ``backbone`` without fine-tuning,
     both with the energy offset set at the run's first reference call. Reference
-    energies are cached in ``random_frames.jsonl`` next to the run directory."""
+    energies are cached in ``random_frames.jsonl`` next to the run directory, each with
+    its structure: an entry counts only while the trajectory still holds that structure
+    at that frame (a restarted run writes a different trajectory)."""
     from ase.io import read
 
     from flytune.bayes.ensemble import Ensemble
@@ -50,15 +52,22 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     frames = read(run_dir / "trajectory.traj", ":")
     picks = sorted(np.random.default_rng(0).choice(len(frames), size=min(n_frames, len(frames)), replace=False))
     cache_path = run_dir.parent / "random_frames.jsonl"  # reference energies, resumable
-    cache = {}
-    if cache_path.exists():
-        cache = {r["frame"]: r["energy_raw"] for r in map(json.loads, cache_path.read_text().splitlines())}
+    rows = map(json.loads, cache_path.read_text().splitlines()) if cache_path.exists() else []
+    cache = {
+        r["frame"]: r["energy_raw"]
+        for r in rows
+        if r["frame"] < len(frames)  # JSON keeps floats exactly, so compare for equality
+        and r.get("positions") == frames[r["frame"]].positions.tolist()
+        and r.get("cell") == frames[r["frame"]].cell.array.tolist()
+    }
     reference = make_reference(reference_spec["name"], reference_spec.get("options", {}))
     for i in picks:
         if int(i) not in cache:
             cache[int(i)] = reference.compute(frames[i]).energy
+            row = {"frame": int(i), "energy_raw": cache[int(i)],
+                   "positions": frames[i].positions.tolist(), "cell": frames[i].cell.array.tolist()}
             with open(cache_path, "a") as f:
-                f.write(json.dumps({"frame": int(i), "energy_raw": cache[int(i)]}) + "\n")
+                f.write(json.dumps(row) + "\n")
     chosen = [frames[i] for i in picks]
     raw = np.array([cache[int(i)] for i in picks])
     with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
