@@ -2,7 +2,8 @@
 
 Reads a run directory of `otf_ethanol.py` up to the step its committed results cover and
 writes `results/otf_ethanol_<foundation>_burst.json`: the steps with |error| > ε, the
-errors after a burst window, and the largest twist of the methyl H–C–C–O torsion away
+burst (the largest cluster of them, consecutive ones at most ``--gap`` steps apart, or
+``--burst FIRST LAST``), the errors after it, and the largest twist of the methyl H–C–C–O torsion away
 from staggered (degrees; 60° is eclipsed) before the first forced call, in the window,
 and elsewhere.
 """
@@ -21,10 +22,24 @@ HERE = Path(__file__).parent
 KCAL_PER_EV = 23.0605
 
 
+def largest_cluster(steps: list[int], gap: int) -> tuple[int, int]:
+    """(first, last) step of the largest run of ``steps`` whose neighbours are at most
+    ``gap`` apart (the later one on a tie)."""
+    clusters = [[steps[0]]]
+    for step in steps[1:]:
+        if step - clusters[-1][-1] <= gap:
+            clusters[-1].append(step)
+        else:
+            clusters.append([step])
+    best = max(reversed(clusters), key=len)
+    return best[0], best[-1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("foundation", choices=["sevennet0", "pbe"])
-    parser.add_argument("--burst", nargs=2, type=int, default=(1301, 1407), metavar=("FIRST", "LAST"))
+    parser.add_argument("--burst", nargs=2, type=int, metavar=("FIRST", "LAST"), help="default: the largest cluster")
+    parser.add_argument("--gap", type=int, default=50, help="most steps between exceedances of one cluster")
     args = parser.parse_args()
     run = HERE / "runs" / f"otf_ethanol_{args.foundation}" / "run"
     results = json.loads((HERE / "results" / "otf_ethanol.json").read_text())["runs"][args.foundation]
@@ -32,7 +47,8 @@ def main() -> None:
     eps_ev = json.loads((run / "summary.json").read_text())["threshold_eV"]
     rows = [json.loads(line) for line in (run / "interventions.jsonl").open()]
     rows = [r for r in rows if r["step"] <= last_step and not r.get("first")]
-    first, last = args.burst
+    exceed = [r["step"] for r in rows if abs(r["error"]) > eps_ev]
+    first, last = args.burst or largest_cluster(exceed, args.gap)
     after = np.abs([r["error"] for r in rows if r["step"] > last]) * KCAL_PER_EV
 
     frames = read(run / "trajectory.traj", ":")
@@ -48,7 +64,7 @@ def main() -> None:
     window = keep & (steps >= first - 20) & (steps <= last + 20)
     out = {
         "last_step": last_step,
-        "exceed_steps": [r["step"] for r in rows if abs(r["error"]) > eps_ev],
+        "exceed_steps": exceed,
         "burst_steps": [first, last],
         "after_burst_calls": int(after.size),
         "after_burst_median_abs_error_kcal": float(np.median(after)),
