@@ -3,9 +3,9 @@
 Reads a run directory of `otf_ethanol.py` up to the step its committed results cover and
 writes `results/otf_ethanol_<foundation>_burst.json`: the steps with |error| > ε, the
 burst (the largest cluster of them, consecutive ones at most ``--gap`` steps apart, or
-``--burst FIRST LAST``), the errors after it, and the largest twist of the methyl H–C–C–O torsion away
-from staggered (degrees; 60° is eclipsed) before the first forced call, in the window,
-and elsewhere.
+``--burst FIRST LAST``), the errors after it, and the largest twist of the methyl
+H–C–C–O torsion away from staggered (degrees; 60° is eclipsed) before the first forced
+call, in the window, and elsewhere.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ def main() -> None:
     rows = [json.loads(line) for line in (run / "interventions.jsonl").open()]
     rows = [r for r in rows if r["step"] <= last_step and not r.get("first")]
     exceed = [r["step"] for r in rows if abs(r["error"]) > eps_ev]
+    if not exceed and not args.burst:
+        parser.error(f"no intervention up to step {last_step} exceeds ε: there is no burst to analyse")
     first, last = args.burst or largest_cluster(exceed, args.gap)
     after = np.abs([r["error"] for r in rows if r["step"] > last]) * KCAL_PER_EV
 
