@@ -80,14 +80,23 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
             "rmse_random_pretrained_kcal": rmse(foundation)}
 
 
-def run_for(config, hours: float | None) -> dict:
+def run_for(config, hours: float | None, state: Path | None = None) -> dict:
     """Start or resume an on-the-fly run and advance it to the end of its schedule, or
     stop it after ``hours`` of wall time (between MD steps, so no update is cut short);
     the run resumes from there with the same command. Ctrl-C (SIGINT) stops it the same
-    way."""
+    way.
+
+    A run in parts (``state``, a ``flytune pack`` file kept outside the repository): when
+    the run directory is missing, the run continues from ``state``; at the end it is
+    packed into ``state`` for the next part."""
     from flytune.otf.run import run
+    from flytune.otf.rundir import pack, unpack
     from flytune.progress import stop_on_sigint
 
+    run_dir = Path(config.run_dir)
+    if state is not None and state.exists() and not run_dir.exists():
+        print(f"continuing the packed run {state}")
+        unpack(state, run_dir)
     deadline = float("inf") if hours is None else time.monotonic() + hours * 3600
     with stop_on_sigint() as stop:
 
@@ -95,7 +104,10 @@ def run_for(config, hours: float | None) -> dict:
             if time.monotonic() > deadline:
                 stop.set()
 
-        return run(config, stop=stop, on_progress=on_progress)
+        summary = run(config, stop=stop, on_progress=on_progress)
+    if state is not None:
+        print(f"{summary['simulated_ps']:.3f} ps, {summary['reference_calls']} calls; packed into {pack(run_dir, state)}")
+    return summary
 
 
 def otf_result(summary: dict, run_dir: Path, plots: Path, target_ps: float) -> dict:

@@ -52,7 +52,6 @@ from speed import FAST
 from transfer_ethanol import PBE_CHECKPOINT
 
 from flytune.config import RunConfig
-from flytune.otf.rundir import pack, unpack
 
 FOUNDATIONS = {"sevennet0": "7net-0", "pbe": str(PBE_CHECKPOINT)}
 REFERENCE = {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}}
@@ -144,9 +143,6 @@ def main() -> None:
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{args.foundation}"
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = folder / "run"
-    if args.state and args.state.exists() and not run_dir.exists():
-        print(f"continuing the packed run {args.state}")
-        unpack(args.state, run_dir)
     structure = folder / "ethanol.xyz"
     if not structure.exists():
         write(structure, molecule("CH3CH2OH"))
@@ -158,9 +154,8 @@ def main() -> None:
                "steps": round(args.ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
-    summary = run_for(config, args.hours)
+    summary = run_for(config, args.hours, args.state)
     if args.state:
-        print(f"{summary['simulated_ps']:.3f} ps, {summary['reference_calls']} calls; packed into {pack(run_dir, args.state)}")
         return
     plots = RESULTS / f"otf_ethanol_{args.foundation}"
     result = otf_result(summary, run_dir, plots, args.ps)

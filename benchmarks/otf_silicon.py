@@ -20,15 +20,19 @@ the report figures of ``flytune report``, reference calls, fraction of intervent
 above ε, RMSE at interventions, and on ``--frames`` random trajectory frames recomputed
 with the reference the energy RMSE of the fine-tuned ensemble vs. SevenNet-0 without
 fine-tuning. The run lives in ``benchmarks/runs/otf_silicon[_cp2k]/`` and resumes where
-it stopped.
+it stopped. A run longer than one sitting goes in parts: ``--hours H --state FILE``
+advances it for H hours and packs it into FILE (``flytune pack``; keep it on storage
+that persists, not in the repository) instead of reporting; on a machine without the
+run directory, the next part unpacks FILE and continues it.
 
-    .venv/bin/python benchmarks/otf_silicon.py [--reference cp2k] [--frames 50] [--hours H]
+    .venv/bin/python benchmarks/otf_silicon.py [--reference cp2k] [--frames 50] [--hours H [--state FILE]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ase.build import bulk
 from ase.io import write
@@ -89,6 +93,8 @@ def main() -> None:
     parser.add_argument("--reference", choices=sorted(REFERENCES), default="gfn1-xtb")
     parser.add_argument("--frames", type=int, default=50)
     parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
+    parser.add_argument("--state", type=Path,
+                        help="a run in parts: unpack this file if the run directory is missing; pack into it at the end, no report")
     args = parser.parse_args()
     reference, suffix = REFERENCES[args.reference]
     name = "otf_silicon" + suffix
@@ -107,7 +113,9 @@ def main() -> None:
         "md": {"driver": "npt", "timestep_fs": 1.0, "pressure_bar": 1.0, "schedule": SCHEDULE, "trajectory_every": 5},
         "safety": {"force_call_after": FORCE_CALL_AFTER},
     })
-    summary = run_for(config, args.hours)
+    summary = run_for(config, args.hours, args.state)
+    if args.state:
+        return
     result = otf_result(summary, run_dir, RESULTS / name, sum(s["steps"] for s in SCHEDULE) / 1000)
     result.update(
         system="Si8 cubic diamond cell, NPT 1 bar", schedule=SCHEDULE, threshold_kcal_mol=THRESHOLD_KCAL,

@@ -7,9 +7,10 @@ K = 2000; about 46 min per update on 2 CPU cores). Reported per setting: wall ti
 reference calls, fraction of interventions above ε, RMSE at interventions, and the
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
 trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and
-resume where they stopped; figures go to ``results/quality_guard.json``.
+resume where they stopped (``--hours H`` stops one after H hours and reports the steps
+so far, marked ``"complete": false``); figures go to ``results/quality_guard.json``.
 
-    .venv/bin/python benchmarks/quality_guard.py fast [--steps 200] [--frames 20]
+    .venv/bin/python benchmarks/quality_guard.py fast [--steps 200] [--frames 20] [--hours H]
 """
 
 from __future__ import annotations
@@ -20,13 +21,12 @@ import json
 import numpy as np
 from ase.build import molecule
 from ase.io import read, write
-from common import RESULTS, ROOT, write_results
+from common import RESULTS, ROOT, run_for, write_results
 from speed import FAST, PAPER
 
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import RunConfig
 from flytune.otf.reference import make_reference
-from flytune.otf.run import run
 from flytune.units import KCAL_MOL
 
 SETTINGS = {"fast": FAST, "paper": {**PAPER, "workers": 2}}
@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--frames", type=int, default=20)
+    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the steps so far")
     args = parser.parse_args()
     folder = ROOT / "benchmarks" / "runs" / f"quality_{args.setting}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ def main() -> None:
         "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": args.steps},
     })
-    summary = run(config)
+    summary = run_for(config, args.hours)
     # energy RMSE of the final ensemble on random trajectory frames, against the reference
     frames = read(folder / "run" / "trajectory.traj", ":")
     picks = np.random.default_rng(0).choice(len(frames), size=min(args.frames, len(frames)), replace=False)
@@ -60,9 +61,10 @@ def main() -> None:
         predicted = ensemble.predict(chosen).energy
         truth = np.array([pyscf.compute(a).energy for a in chosen]) + ensemble.energy_offset
     errors = (predicted - truth) / KCAL_MOL
-    result = {key: summary.get(key) for key in (
+    result = {"complete": summary["stopped"] is None, "md_steps_done": summary["steps"]}
+    result.update({key: summary.get(key) for key in (
         "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
-        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")}
+        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")})
     result.update(settings=SETTINGS[args.setting], md_steps=args.steps,
                   rmse_random_frames_kcal=float(np.sqrt(np.mean(errors**2))), random_frames=len(chosen))
     path = RESULTS / "quality_guard.json"
