@@ -3,12 +3,15 @@
 Ethanol at 300 K, Langevin 0.5 fs, SevenNet-0, PySCF B3LYP/6-31G* (density fitting),
 ε = 0.5 kcal/mol, seed 1, ``--steps`` MD steps. Settings: ``fast`` (speed.py's FAST:
 4 chains, K = 100, η_max 3e-4, early stop, 2 workers) and ``paper`` (8 chains,
-K = 2000; about 46 min per update on 2 CPU cores). Reported per setting: wall times,
+K = 2000, 2 workers; on 2 CPU cores an update took 12 min with 1 label and 34 min with
+4, 2026-12-01: run it in parts with ``--hours``). Reported per setting: wall times,
 reference calls, fraction of interventions above ε, RMSE at interventions, and the
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
 trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and
 resume where they stopped (``--hours H`` stops one after H hours and reports the steps
-so far, marked ``"complete": false``); figures go to ``results/quality_guard.json``.
+so far, marked ``"complete": false``); figures go to ``results/quality_guard.json``,
+under the setting's name (``fast_120_steps`` for ``fast --steps 120``: a twin of a
+run that stopped at step 120).
 
     .venv/bin/python benchmarks/quality_guard.py fast [--steps 200] [--frames 20] [--hours H]
 """
@@ -39,7 +42,8 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=20)
     parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the steps so far")
     args = parser.parse_args()
-    folder = ROOT / "benchmarks" / "runs" / f"quality_{args.setting}"
+    name = args.setting if args.steps == 200 else f"{args.setting}_{args.steps}_steps"  # a shorter twin run
+    folder = ROOT / "benchmarks" / "runs" / f"quality_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     structure = folder / "ethanol.xyz"
     if not structure.exists():
@@ -70,7 +74,7 @@ def main() -> None:
     path = RESULTS / "quality_guard.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.pop("machine", None)
-    results[args.setting] = result
+    results[name] = result
     print(json.dumps(result, indent=2))
     print("wrote", write_results("quality_guard", results))
 
