@@ -80,6 +80,13 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
             "rmse_random_pretrained_kcal": rmse(foundation)}
 
 
+def add_part_arguments(parser) -> None:
+    """``--hours`` and ``--state``: the command-line side of :func:`run_for`."""
+    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
+    parser.add_argument("--state", type=Path,
+                        help="a run in parts: unpack this file if the run directory is missing; pack into it at the end, no report")
+
+
 def run_for(config, hours: float | None, state: Path | None = None) -> dict:
     """Start or resume an on-the-fly run and advance it to the end of its schedule, or
     stop it after ``hours`` of wall time (between MD steps, so no update is cut short);

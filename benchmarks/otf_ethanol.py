@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -43,6 +42,7 @@ from ase.io import read, write
 from common import (
     RESULTS,
     ROOT,
+    add_part_arguments,
     otf_result,
     random_frame_errors,
     run_for,
@@ -133,9 +133,7 @@ def main() -> None:
     parser.add_argument("foundation", choices=sorted(FOUNDATIONS))
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
-    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
-    parser.add_argument("--state", type=Path,
-                        help="a run in parts: unpack this file if the run directory is missing; pack into it at the end, no report")
+    add_part_arguments(parser)
     args = parser.parse_args()
     backbone = FOUNDATIONS[args.foundation]
     if args.foundation == "pbe" and not PBE_CHECKPOINT.exists():

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from ase.build import bulk
 from ase.io import write
@@ -40,6 +39,7 @@ from ase.units import Rydberg
 from common import (
     RESULTS,
     ROOT,
+    add_part_arguments,
     otf_result,
     random_frame_errors,
     run_for,
@@ -92,9 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", choices=sorted(REFERENCES), default="gfn1-xtb")
     parser.add_argument("--frames", type=int, default=50)
-    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")
-    parser.add_argument("--state", type=Path,
-                        help="a run in parts: unpack this file if the run directory is missing; pack into it at the end, no report")
+    add_part_arguments(parser)
     args = parser.parse_args()
     reference, suffix = REFERENCES[args.reference]
     name = "otf_silicon" + suffix

@@ -3,8 +3,8 @@
 Ethanol at 300 K, Langevin 0.5 fs, SevenNet-0, PySCF B3LYP/6-31G* (density fitting),
 ε = 0.5 kcal/mol, seed 1, ``--steps`` MD steps. Settings: ``fast`` (speed.py's FAST:
 4 chains, K = 100, η_max 3e-4, early stop, 2 workers) and ``paper`` (8 chains,
-K = 2000, 2 workers; on 2 CPU cores an update took 12 min with 1 label and 34 min with
-4, 2026-12-01: run it in parts with ``--hours``). Reported per setting: wall times,
+K = 2000, 2 workers; on 2 CPU cores an update took 12 min with 1 label and 44 min with
+5, 2026-12-01: run it in parts with ``--hours``). Reported per setting: wall times,
 reference calls, fraction of interventions above ε, RMSE at interventions, and the
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
 trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and
