@@ -9,11 +9,12 @@ reference calls, fraction of interventions above ε, RMSE at interventions, and 
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
 trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and
 resume where they stopped (``--hours H`` stops one after H hours and reports the steps
-so far, marked ``"complete": false``); figures go to ``results/quality_guard.json``,
-under the setting's name (``fast_120_steps`` for ``fast --steps 120``: a twin of a
-run that stopped at step 120).
+so far, marked ``"complete": false``; ``--state FILE`` packs the run into FILE instead of
+reporting, and continues from it when the run directory is gone); figures go to
+``results/quality_guard.json``, under the setting's name (``fast_120_steps`` for
+``fast --steps 120``: a twin of a run that stopped at step 120).
 
-    .venv/bin/python benchmarks/quality_guard.py fast [--steps 200] [--frames 20] [--hours H]
+    .venv/bin/python benchmarks/quality_guard.py fast [--steps 200] [--frames 20] [--hours H] [--state FILE]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import json
 import numpy as np
 from ase.build import molecule
 from ase.io import read, write
-from common import RESULTS, ROOT, run_for, write_results
+from common import RESULTS, ROOT, add_part_arguments, run_for, write_results
 from speed import FAST, PAPER
 
 from flytune.bayes.ensemble import Ensemble
@@ -40,9 +41,9 @@ def main() -> None:
     parser.add_argument("setting", choices=sorted(SETTINGS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--frames", type=int, default=20)
-    parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the steps so far")
+    add_part_arguments(parser)
     args = parser.parse_args()
-    name = args.setting if args.steps == 200 else f"{args.setting}_{args.steps}_steps"  # a shorter twin run
+    name = args.setting if args.steps == parser.get_default("steps") else f"{args.setting}_{args.steps}_steps"  # a shorter twin run
     folder = ROOT / "benchmarks" / "runs" / f"quality_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     structure = folder / "ethanol.xyz"
@@ -55,7 +56,9 @@ def main() -> None:
         "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": args.steps},
     })
-    summary = run_for(config, args.hours)
+    summary = run_for(config, args.hours, args.state)
+    if args.state:
+        return
     # energy RMSE of the final ensemble on random trajectory frames, against the reference
     frames = read(folder / "run" / "trajectory.traj", ":")
     picks = np.random.default_rng(0).choice(len(frames), size=min(args.frames, len(frames)), replace=False)
