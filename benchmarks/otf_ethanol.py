@@ -17,7 +17,9 @@ at random from the trajectory and recomputed with the reference, the energy RMSE
 fine-tuned ensemble and of the foundation without fine-tuning (the same energy offset,
 taken at the first reference call). Conformers: the angle between the O–H and C–C bonds
 and the H–O–C–C torsion over time with the reference calls marked; the share of calls
-made during trans ↔ gauche transitions against the share of time spent in them.
+made during transitions against the share of time spent in them, with transitions taken
+two ways: frames inside fixed torsion windows around the barriers, and transition paths
+(stretches between leaving one conformer basin and entering another).
 
 The run lives in ``benchmarks/runs/otf_ethanol_<foundation>/`` and resumes where it
 stopped (``--ps`` may be raised to extend it); recomputed reference energies are cached.
@@ -60,6 +62,10 @@ FORCE_CALL_AFTER = 200
 #: |H–O–C–C torsion| windows counted as transitions: the barriers at 0° (gauche ↔ gauche')
 #: and at ±120° (trans ↔ gauche), ±20° around each
 TRANSITION_WINDOWS_DEG = ((0.0, 20.0), (100.0, 140.0))
+#: Conformer basins by signed H–O–C–C torsion, ±30° around each minimum: trans (180°),
+#: gauche+ (+60°), gauche− (−60°). A transition path is a stretch outside every basin that
+#: leaves one basin and enters another; an excursion that returns to its basin is not one.
+BASINS_DEG = {"trans": (150.0, 210.0), "gauche+": (30.0, 90.0), "gauche-": (-90.0, -30.0)}
 
 
 def ethanol_indices(atoms: Atoms) -> dict[str, int]:
@@ -88,6 +94,29 @@ def in_transition(torsion_deg: np.ndarray) -> np.ndarray:
     return np.any([(a >= lo) & (a <= hi) for lo, hi in TRANSITION_WINDOWS_DEG], axis=0)
 
 
+def conformer_basin(torsion_deg: np.ndarray) -> np.ndarray:
+    """Index into ``BASINS_DEG`` of each frame's basin, −1 for frames outside every basin."""
+    tau = np.asarray(torsion_deg) % 360.0
+    basin = np.full(tau.shape, -1)
+    for i, (lo, hi) in enumerate(BASINS_DEG.values()):
+        basin[((tau - lo) % 360.0) <= hi - lo] = i
+    return basin
+
+
+def transition_paths(basin: np.ndarray) -> list[tuple[int, int]]:
+    """(first, last) frame of each stretch outside every basin whose neighbours lie in two
+    different basins; a stretch still open at either end of the trajectory is left out."""
+    paths, start = [], None
+    for i, b in enumerate(basin):
+        if b < 0 and start is None:
+            start = i
+        elif b >= 0 and start is not None:
+            if start > 0 and basin[start - 1] != b:
+                paths.append((start, i - 1))
+            start = None
+    return paths
+
+
 def conformer_analysis(run_dir, out_png) -> dict:
     """Torsion along the trajectory and at the reference calls; calls during transitions."""
     import matplotlib
@@ -105,6 +134,13 @@ def conformer_analysis(run_dir, out_png) -> dict:
     t_calls = np.array([a.info["time_fs"] for a in labels]) / 1000
     time_share = float(np.mean(in_transition(traj[:, 1])))
     call_share = float(np.mean(in_transition(calls[:, 1])))
+    paths = transition_paths(conformer_basin(traj[:, 1]))
+    on_path = np.zeros(len(frames), bool)
+    for first, last in paths:
+        on_path[first : last + 1] = True
+    call_frames = np.minimum(np.rint(t_calls / (every * TIMESTEP_FS / 1000)).astype(int), len(frames) - 1)
+    path_time_share = float(on_path.mean())
+    path_call_share = float(on_path[call_frames].mean())
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5), sharex=True)
     for ax, col, label in ((ax1, 0, "angle O–H, C–C (°)"), (ax2, 1, "torsion H–O–C–C (°)")):
         ax.plot(t_traj, traj[:, col], lw=0.6)
@@ -113,9 +149,16 @@ def conformer_analysis(run_dir, out_png) -> dict:
     for lo, hi in TRANSITION_WINDOWS_DEG:
         for sign in (1, -1):
             ax2.axhspan(sign * lo, sign * hi, color="grey", alpha=0.15, lw=0)
+    for first, last in paths:
+        for ax in (ax1, ax2):
+            ax.axvspan(t_traj[first], t_traj[last], color="orange", alpha=0.3, lw=0)
     ax1.legend(fontsize=8)
     ax2.set_xlabel("simulated time (ps)")
-    ax1.set_title(f"transitions: {100 * time_share:.1f} % of time, {100 * call_share:.1f} % of calls")
+    ax1.set_title(
+        f"torsion windows (grey): {100 * time_share:.1f} % of time, {100 * call_share:.1f} % of calls\n"
+        f"transition paths (orange): {100 * path_time_share:.1f} % of time, {100 * path_call_share:.1f} % of calls",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out_png, dpi=130)
     plt.close(fig)
@@ -124,6 +167,11 @@ def conformer_analysis(run_dir, out_png) -> dict:
         "transition_time_share": time_share,
         "transition_call_share": call_share,
         "call_rate_ratio": call_share / time_share if time_share > 0 else None,
+        "basins_torsion_deg": BASINS_DEG,
+        "transition_paths_ps": [(round(t_traj[a], 4), round(t_traj[b], 4)) for a, b in paths],
+        "path_time_share": path_time_share,
+        "path_call_share": path_call_share,
+        "path_call_rate_ratio": path_call_share / path_time_share if path_time_share > 0 else None,
         "trajectory_frames": len(frames),
     }
 
