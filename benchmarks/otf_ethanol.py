@@ -29,7 +29,7 @@ not in the repository) instead of reporting; on a machine without the run direct
 next part unpacks FILE and continues it.
 
     .venv/bin/python benchmarks/otf_ethanol.py pbe --ps 2 [--frames 150]
-    .venv/bin/python benchmarks/otf_ethanol.py sevennet0 --ps 2 --hours 2 --state ../shared/data/flytune_state/otf_ethanol_sevennet0.tar.xz
+    .venv/bin/python benchmarks/otf_ethanol.py sevennet0 --ps 2 --hours 2 --state $SCRATCH/otf_ethanol_sevennet0.tar.xz
 """
 
 from __future__ import annotations
