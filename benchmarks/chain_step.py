@@ -6,17 +6,25 @@ cycle of K steps per chain; the first cycle (graph building, allocator warm-up) 
 timed. Reported: seconds per chain-step with 1 and 2 torch threads (one chain,
 in-process) and the throughput of 2 chains in 2 worker processes (1 thread each).
 
-    .venv/bin/python benchmarks/chain_step.py [--steps 40]
+``--malloc-pairs N`` measures instead whether glibc's allocator settings speed up the
+workers: the fast-setting shape (4 chains in 2 workers, 3 timed updates each) with the
+stock allocator and with ``MALLOC_MMAP_THRESHOLD_`` = 1 GiB, ``MALLOC_TRIM_THRESHOLD_`` =
+2 GiB (large blocks stay on the heap instead of fresh mmap pages that fault on first
+touch), alternating N times; stored under ``malloc_probe``.
+
+    .venv/bin/python benchmarks/chain_step.py [--steps 40] [--malloc-pairs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import time
 
 import torch
+from common import ETHANOL_CCSD_T, RESULTS, machine, write_results
 
-from common import ETHANOL_CCSD_T, write_results
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import ModelConfig
 from flytune.data import read_labelled
@@ -28,10 +36,51 @@ def timed_update(ensemble: Ensemble, frame) -> float:
     return time.perf_counter() - start
 
 
+#: glibc malloc tunables read from the environment at process start (inherited by spawned workers)
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 31)}
+
+
+def workers_rate(frames, steps: int, allocator_env: dict[str, str]) -> list[float]:
+    """Chain-steps/s of 3 updates of 4 chains in 2 fresh workers started under ``allocator_env``."""
+    for key in MALLOC_ENV:
+        os.environ.pop(key, None)
+    os.environ.update(allocator_env)
+    config = ModelConfig(chains=4, cycle_steps=steps, workers=2, threads_per_worker=1)
+    with Ensemble.from_config(config, seed=0) as ens:
+        ens.add_data(frames[:6])
+        timed_update(ens, frames[6])  # starts the workers
+        rates = [4 * steps / timed_update(ens, frame) for frame in frames[7:10]]
+    for key in allocator_env:
+        os.environ.pop(key)
+    return rates
+
+
+def malloc_probe(frames, steps: int, pairs: int) -> None:
+    rows = []
+    for _ in range(pairs):
+        for name, env in (("stock", {}), ("heap", MALLOC_ENV)):
+            rates = workers_rate(frames, steps, env)
+            rows.append({"allocator": name, "chain_steps_per_s": rates})
+            print(name, " ".join(f"{r:.2f}" for r in rates), "chain-steps/s")
+    mean = {name: float(sum(sum(r["chain_steps_per_s"]) / 3 for r in rows if r["allocator"] == name) / pairs)
+            for name in ("stock", "heap")}
+    path = RESULTS / "chain_step.json"
+    results = json.loads(path.read_text())
+    results.pop("machine", None)
+    results["malloc_probe"] = {"date": machine()["date"], "env": MALLOC_ENV, "steps_per_cycle": steps, "runs": rows,
+                               "mean_chain_steps_per_s": mean, "heap_over_stock": mean["heap"] / mean["stock"]}
+    print("heap / stock:", f"{mean['heap'] / mean['stock']:.3f}")
+    print("wrote", write_results("chain_step", results))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=40, help="SGHMC steps per timed cycle")
+    parser.add_argument("--malloc-pairs", type=int, default=0, help="only the allocator probe, N alternations")
     args = parser.parse_args()
+    if args.malloc_pairs:
+        malloc_probe(read_labelled(ETHANOL_CCSD_T, "0:10"), args.steps, args.malloc_pairs)
+        return
     frames = read_labelled(ETHANOL_CCSD_T, "0:9")
     results: dict = {"setting": "SevenNet-0, CCSD(T) ethanol, batch of 5 (one batched graph), priority minibatches",
                      "steps_per_cycle": args.steps}
