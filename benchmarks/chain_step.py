@@ -18,12 +18,13 @@ touch), alternating N times; stored under ``malloc_probe``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
+from unittest import mock
 
+import numpy as np
 import torch
-from common import ETHANOL_CCSD_T, RESULTS, machine, write_results
+from common import ETHANOL_CCSD_T, machine, update_results, write_results
 
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import ModelConfig
@@ -41,18 +42,14 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": 
 
 
 def workers_rate(frames, steps: int, allocator_env: dict[str, str]) -> list[float]:
-    """Chain-steps/s of 3 updates of 4 chains in 2 fresh workers started under ``allocator_env``."""
-    for key in MALLOC_ENV:
-        os.environ.pop(key, None)
-    os.environ.update(allocator_env)
+    """Chain-steps/s of 3 updates of 4 chains in 2 fresh workers started under ``allocator_env``
+    (the probe's variables are unset otherwise; the environment is restored afterwards)."""
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV} | allocator_env
     config = ModelConfig(chains=4, cycle_steps=steps, workers=2, threads_per_worker=1)
-    with Ensemble.from_config(config, seed=0) as ens:
+    with mock.patch.dict(os.environ, env, clear=True), Ensemble.from_config(config, seed=0) as ens:
         ens.add_data(frames[:6])
         timed_update(ens, frames[6])  # starts the workers
-        rates = [4 * steps / timed_update(ens, frame) for frame in frames[7:10]]
-    for key in allocator_env:
-        os.environ.pop(key)
-    return rates
+        return [4 * steps / timed_update(ens, frame) for frame in frames[7:10]]
 
 
 def malloc_probe(frames, steps: int, pairs: int) -> None:
@@ -62,15 +59,12 @@ def malloc_probe(frames, steps: int, pairs: int) -> None:
             rates = workers_rate(frames, steps, env)
             rows.append({"allocator": name, "chain_steps_per_s": rates})
             print(name, " ".join(f"{r:.2f}" for r in rates), "chain-steps/s")
-    mean = {name: float(sum(sum(r["chain_steps_per_s"]) / 3 for r in rows if r["allocator"] == name) / pairs)
+    mean = {name: float(np.mean([r["chain_steps_per_s"] for r in rows if r["allocator"] == name]))
             for name in ("stock", "heap")}
-    path = RESULTS / "chain_step.json"
-    results = json.loads(path.read_text())
-    results.pop("machine", None)
-    results["malloc_probe"] = {"date": machine()["date"], "env": MALLOC_ENV, "steps_per_cycle": steps, "runs": rows,
-                               "mean_chain_steps_per_s": mean, "heap_over_stock": mean["heap"] / mean["stock"]}
     print("heap / stock:", f"{mean['heap'] / mean['stock']:.3f}")
-    print("wrote", write_results("chain_step", results))
+    entry = {"date": machine()["date"], "env": MALLOC_ENV, "steps_per_cycle": steps, "runs": rows,
+             "mean_chain_steps_per_s": mean, "heap_over_stock": mean["heap"] / mean["stock"]}
+    print("wrote", update_results("chain_step", "malloc_probe", entry))
 
 
 def main() -> None:

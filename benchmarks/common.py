@@ -36,6 +36,15 @@ def write_results(name: str, results: dict) -> Path:
     return path
 
 
+def update_results(name: str, key: str, value) -> Path:
+    """Store ``value`` under ``key`` in ``results/<name>.json``, keeping the file's other keys."""
+    path = RESULTS / f"{name}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.pop("machine", None)
+    results[key] = value
+    return write_results(name, results)
+
+
 def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int) -> dict:
     """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory: the
     fine-tuned ensemble (``model.pt``) vs. the foundation ``backbone`` without fine-tuning,

@@ -15,12 +15,11 @@ sqrt((s_A² + s_B²)/W).
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from common import RESULTS, ROOT, write_results
+from common import ROOT, update_results
 
 from flytune.bayes.chains import ChainJob
 from flytune.bayes.early_stop import EarlyStop, drift
@@ -80,13 +79,10 @@ def main() -> None:
             print(f"chain {index} step {t['step']}: d_new {t['drift_newest']:.2f} (SE {t['se_newest']:.2f}), "
                   f"d_mean {t['drift_mean']:.2f} (SE {t['se_mean']:.2f}), settled {t['settled']}")
         print("  l_new by 8:", " ".join(f"{v:.0f}" for v in chains[-1]["newest_ll_means_of_8"]))
-    path = RESULTS / "early_stop_series.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results.pop("machine", None)
-    results[args.run] = {"labels": len(ensemble.data), "cycle_steps": config.cycle_steps, "window": window,
-                         "tolerance_nats": config.early_stop_tolerance_nats,
-                         "first_full_noise_step": first_full_noise, "chains": chains}
-    print("wrote", write_results("early_stop_series", results))
+    entry = {"labels": len(ensemble.data), "cycle_steps": config.cycle_steps, "window": window,
+             "tolerance_nats": config.early_stop_tolerance_nats,
+             "first_full_noise_step": first_full_noise, "chains": chains}
+    print("wrote", update_results("early_stop_series", args.run, entry))
 
 
 if __name__ == "__main__":

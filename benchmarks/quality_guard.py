@@ -26,7 +26,7 @@ import json
 import numpy as np
 from ase.build import molecule
 from ase.io import read, write
-from common import RESULTS, ROOT, add_part_arguments, run_for, write_results
+from common import ROOT, add_part_arguments, run_for, update_results
 from speed import FAST, PAPER
 
 from flytune.bayes.ensemble import Ensemble
@@ -77,12 +77,8 @@ def main() -> None:
         "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")})
     result.update(settings=SETTINGS[args.setting], md_steps=args.steps,
                   rmse_random_frames_kcal=float(np.sqrt(np.mean(errors**2))), random_frames=len(chosen))
-    path = RESULTS / "quality_guard.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    results.pop("machine", None)
-    results[name] = result
     print(json.dumps(result, indent=2))
-    print("wrote", write_results("quality_guard", results))
+    print("wrote", update_results("quality_guard", name, result))
 
 
 if __name__ == "__main__":
