@@ -19,7 +19,7 @@ from flytune.bayes.ensemble import Ensemble
 from flytune.config import ModelConfig, UncertaintyConfig
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import OnTheFlyCalculator, SafetyNets
-from flytune.otf.reference import make_reference
+from flytune.otf.reference import Reference, make_reference
 from flytune.otf.run import run
 from flytune.otf.rundir import unpack
 from flytune.runconfig import load_run_config
@@ -180,6 +180,41 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(workdir, uninterrupted,
     assert [r.split(",")[:7] for r in steps_full] == [r.split(",")[:7] for r in steps_resumed]
     summary = json.loads((workdir / name / "summary.json").read_text())
     assert summary["reference_calls"] == len(expected)
+
+
+@pytest.mark.parametrize("cut_update", [1, 3])
+def test_stop_during_an_update_redoes_it_on_resume(workdir, uninterrupted, monkeypatch, cut_update):
+    """Ctrl-C during an update (the first one, before any checkpoint, or a later one) keeps
+    no cut posterior: the run stops with the label on disk, and the same command replays it
+    (no second reference call) and redoes the update in full, as if never stopped."""
+    import threading
+
+    name = f"cut_{cut_update}"
+    config = load_run_config(write_config(workdir, name))
+    stop, updates = threading.Event(), []
+
+    def progress(chain, step, mean_ll):
+        if chain == 0 and step == 3:
+            updates.append(step)
+            if len(updates) == cut_update:
+                stop.set()
+
+    with monkeypatch.context() as patch:
+        patch.setattr(OnTheFlyCalculator, "_update_progress", staticmethod(progress))
+        first = run(config, log=lambda m: None, stop=stop)
+    assert first["stopped"].startswith("interrupted during the update")
+    assert len(label_records(workdir / name)) == cut_update  # the cut update's label is on disk
+    assert first["reference_calls"] == cut_update - 1 and not (workdir / name / "model.pt").exists()
+    compute, calls = Reference.compute, []
+    monkeypatch.setattr(Reference, "compute", lambda self, atoms, **kw: calls.append(1) or compute(self, atoms, **kw))
+    logs = []
+    summary = run(config, log=logs.append)
+    assert summary["stopped"] is None and "1 label(s) to replay" in logs[0]
+    expected, got = label_records(uninterrupted), label_records(workdir / name)
+    assert got == expected
+    assert len(calls) == len(expected) - cut_update  # the kept label was not recomputed
+    full, resumed = ((d / "steps.csv").read_text().splitlines() for d in (uninterrupted, workdir / name))
+    assert [r.split(",")[:7] for r in full] == [r.split(",")[:7] for r in resumed]
 
 
 def test_second_process_is_refused(workdir):

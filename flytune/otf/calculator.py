@@ -32,6 +32,12 @@ class ModelFailure(RuntimeError):
     """The posterior update diverged (non-finite weights or predictions)."""
 
 
+class UpdateInterrupted(Exception):
+    """A stop request (Ctrl-C) arrived during a posterior update. The label is already on
+    disk and the last checkpoint is from before it, so a resumed run replays the label and
+    redoes the update in full instead of keeping a cut one."""
+
+
 @dataclass
 class SafetyNets:
     """Limits on the decision. ``None`` switches a limit off."""
@@ -114,7 +120,7 @@ class OnTheFlyCalculator(Calculator):
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
         self.on_step, self.on_intervention, self.on_label = on_step, on_intervention, on_label
-        self.stop = None  # a StopFlag: Ctrl-C ends an update early (chains keep their state)
+        self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
 
     # -- decision -------------------------------------------------------------------
     def _must_call(self, prob_exceed: float) -> bool:
@@ -215,6 +221,8 @@ class OnTheFlyCalculator(Calculator):
         start = time.perf_counter()
         self.ensemble.update([label], progress=self._update_progress, stop=self.stop)
         update_s = time.perf_counter() - start
+        if any(chain.interrupted for chain in self.ensemble.chains):
+            raise UpdateInterrupted
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "

@@ -25,7 +25,8 @@ from flytune.backbones import backbone_family
 from flytune.config import MDConfig, RunConfig
 from flytune.data import read_structures
 from flytune.errors import FlytuneError
-from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, SafetyNets
+from flytune.otf.calculator import (Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, SafetyNets,
+                                    UpdateInterrupted)
 from flytune.otf.reference import ReferenceFailure, make_reference
 from flytune.otf.rundir import RunDirectory, intervention_figures
 from flytune.units import KCAL_MOL
@@ -156,7 +157,7 @@ class OnTheFlyRun:
         self.structure = read_start_structure(config.structure)
         self.reference = make_reference(config.reference.name, config.reference.options, config.reference.retries)
         saved = json.loads(self.rd.config.read_text()) if self.rd.config.exists() else None
-        if saved is not None and self.rd.resumable:
+        if saved is not None and (self.rd.resumable or self.rd.read_exact_labels()):
             changed = {k: (saved["identity"][k], v) for k, v in config.identity().items() if saved["identity"].get(k) != v}
             if changed:
                 what = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
@@ -215,6 +216,11 @@ class OnTheFlyRun:
             self.atoms = atoms
             self.calc = self._calculator()
             self.dyn = make_dynamics(c.md, atoms, c.seed)
+            # labels of a start stopped before its first checkpoint (during the first update)
+            pending = self.rd.truncate({"labels": 0, "steps": 0, "interventions": 0, "frames": 0})
+            self.calc.pending = [PendingLabel(int(a.info["force_call"]), a) for a in pending]
+            if pending:
+                self.log(f"restarting {c.run_dir} from its start, {len(pending)} label(s) to replay")
             self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
         self.atoms.calc = self.calc
 
@@ -276,6 +282,7 @@ class OnTheFlyRun:
         self.calc.stop = stop
         total = c.md.total_steps
         stopped = None
+        failed = cut = False
         try:
             if self.dyn.nsteps == 0 and self.frames == 0:
                 self.atoms.get_forces()  # the first structure: always labelled
@@ -307,8 +314,12 @@ class OnTheFlyRun:
             stopped = f"{kind} at MD step {self._md_step()}: {exc}"
             self._in_step = False
             failed = True
+        except UpdateInterrupted:  # the checkpoint stays from before the cut update
+            stopped = (f"interrupted during the update at MD step {self._md_step()}; its label is kept "
+                       "and the same command redoes that update in full")
+            self._in_step = False
+            cut = True
         else:
-            failed = False
             self.checkpoint()
         wall = self.wall_before + time.perf_counter() - self._start
         summary = summarize(self.rd, self.calc, self.dyn.nsteps, c.md, wall, self.ensemble.uncertainty.threshold_eV,
@@ -316,7 +327,8 @@ class OnTheFlyRun:
         self.rd.write_json(self.rd.summary, summary)
         if failed:  # the last checkpoint (before the failed step) stays as it is
             raise FlytuneError(f"{stopped}; the checkpoint is intact: fix the cause and run the same command to resume")
-        self.ensemble.save(self.rd.path / "model.pt")
+        if not cut:  # model.pt holds the checkpoint's ensemble, never a cut update
+            self.ensemble.save(self.rd.path / "model.pt")
         return summary
 
     def _record_frame(self) -> None:
