@@ -199,10 +199,9 @@ class OnTheFlyRun:
             self.calc.load_state_dict(ck["calculator"], atoms)
             self.frames = ck["counts"]["frames"]
             self.wall_before = ck["wall_s"]
-            pending = self.rd.truncate(ck["counts"])
-            self.calc.pending = [PendingLabel(int(a.info["force_call"]), a) for a in pending]
+            pending = self._replay_labels_after(ck["counts"])
             self.log(f"resuming {c.run_dir} at step {self.dyn.nsteps} ({self.calc.state.reference_calls} "
-                     f"reference calls, {len(pending)} label(s) to replay)")
+                     f"reference calls, {pending} label(s) to replay)")
         else:
             self.ensemble = Ensemble.from_config(c.model, c.uncertainty, seed=c.seed)
             self.ensemble.model.backbone.check_atoms(self.structure)
@@ -217,12 +216,18 @@ class OnTheFlyRun:
             self.calc = self._calculator()
             self.dyn = make_dynamics(c.md, atoms, c.seed)
             # labels of a start stopped before its first checkpoint (during the first update)
-            pending = self.rd.truncate({"labels": 0, "steps": 0, "interventions": 0, "frames": 0})
-            self.calc.pending = [PendingLabel(int(a.info["force_call"]), a) for a in pending]
+            pending = self._replay_labels_after({"labels": 0, "steps": 0, "interventions": 0, "frames": 0})
             if pending:
-                self.log(f"restarting {c.run_dir} from its start, {len(pending)} label(s) to replay")
+                self.log(f"restarting {c.run_dir} from its start, {pending} label(s) to replay")
             self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
         self.atoms.calc = self.calc
+
+    def _replay_labels_after(self, counts: dict) -> int:
+        """Cut the logs back to ``counts`` and queue the labels written after them for replay
+        (no reference call when the MD reaches the same structure); returns how many."""
+        pending = self.rd.truncate(counts)
+        self.calc.pending = [PendingLabel(int(a.info["force_call"]), a) for a in pending]
+        return len(pending)
 
     def _apply_changed_settings(self) -> None:
         """Thresholds, confidence and calibration prior of the config take effect on resume."""
@@ -327,8 +332,14 @@ class OnTheFlyRun:
         self.rd.write_json(self.rd.summary, summary)
         if failed:  # the last checkpoint (before the failed step) stays as it is
             raise FlytuneError(f"{stopped}; the checkpoint is intact: fix the cause and run the same command to resume")
-        if not cut:  # model.pt holds the checkpoint's ensemble, never a cut update
-            self.ensemble.save(self.rd.path / "model.pt")
+        model = self.rd.path / "model.pt"
+        if not cut:
+            self.ensemble.save(model)
+        elif self.rd.resumable:  # model.pt: the ensemble of the last checkpoint, never a cut update
+            with Ensemble.from_state_dict(self.rd.read_checkpoint()["ensemble"], workers=1) as ensemble:
+                ensemble.save(model)
+        else:
+            model.unlink(missing_ok=True)
         return summary
 
     def _record_frame(self) -> None:
