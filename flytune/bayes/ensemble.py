@@ -326,9 +326,14 @@ class Ensemble:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write everything needed to predict and to continue bit for bit (atomic replace)."""
+        self.save_state(self.state_dict(), path)
+
+    @staticmethod
+    def save_state(state: dict, path: str | os.PathLike) -> None:
+        """Write a :meth:`state_dict` (e.g. one kept in a checkpoint) as :meth:`save` does."""
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(tree_to(self.state_dict(), "cpu"), tmp)
+        torch.save(tree_to(state, "cpu"), tmp)
         os.replace(tmp, path)
 
     @classmethod

@@ -336,8 +336,7 @@ class OnTheFlyRun:
         if not cut:
             self.ensemble.save(model)
         elif self.rd.resumable:  # model.pt: the ensemble of the last checkpoint, never a cut update
-            with Ensemble.from_state_dict(self.rd.read_checkpoint()["ensemble"], workers=1) as ensemble:
-                ensemble.save(model)
+            Ensemble.save_state(self.rd.read_checkpoint()["ensemble"], model)
         else:
             model.unlink(missing_ok=True)
         return summary
