@@ -8,7 +8,8 @@ K = 2000, 2 workers; on 2 CPU cores an update took 12 min with 1 label and 44 mi
 5, 2026-12-01: run it in parts with ``--hours``). Reported per setting: wall times,
 reference calls, fraction of interventions above ε, RMSE at interventions, and the
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
-trajectory and recomputed with the reference. Runs live in ``benchmarks/runs/`` and
+trajectory and recomputed with the reference, and per call (``calls``) the step, error,
+calibrated σ, P(|e| > ε) and update time. Runs live in ``benchmarks/runs/`` and
 resume where they stopped (``--hours H`` stops one after H hours and reports the steps
 so far, marked ``"complete": false``; ``--state FILE`` packs the run into FILE instead of
 reporting, and continues from it when the run directory is gone); figures go to
@@ -32,6 +33,7 @@ from speed import FAST, PAPER
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import RunConfig
 from flytune.otf.reference import make_reference
+from flytune.otf.rundir import RunDirectory
 from flytune.units import KCAL_MOL
 
 #: ``fast_wide``: the fast settings at the step size that step_size.py measured to spread
@@ -77,6 +79,10 @@ def main() -> None:
         "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")})
     result.update(settings=SETTINGS[args.setting], md_steps=args.steps,
                   rmse_random_frames_kcal=float(np.sqrt(np.mean(errors**2))), random_frames=len(chosen))
+    # each call's figures, kept here because the run directory does not outlive the session
+    result["calls"] = [{"step": r["step"], "error_kcal": r["error"] / KCAL_MOL,
+                        "calibrated_std_kcal": r["calibrated_std"] / KCAL_MOL, "prob_exceed": r["prob_exceed"],
+                        "update_s": r["update_s"]} for r in RunDirectory(folder / "run").read_interventions()]
     print(json.dumps(result, indent=2))
     print("wrote", update_results("quality_guard", name, result))
 

@@ -15,6 +15,12 @@ skips what is there unless ``--force``):
   from the measured fast-path rate: one such update takes ~46 min here).
 - ``reference``: one PySCF B3LYP/6-31G* (density fitting) call on ethanol, one GFN1-xTB
   (tblite) call on Si64.
+- ``gpu`` (not in the default list): on a CUDA machine, one-pass prediction there and the
+  update after a new ethanol label with the fast settings and with the paper's defaults,
+  measured end to end, one worker process per chain sharing the GPU; written to
+  ``results/speed_gpu.json`` with that machine's description (``benchmarks/gpu.sh``
+  runs it on a lent device machine). Without CUDA it copies that file, if present, into
+  ``speed.json`` under ``gpu``.
 
     .venv/bin/python benchmarks/speed.py [--only ensemble,update] [--force]
 """
@@ -22,6 +28,7 @@ skips what is there unless ``--force``):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -60,6 +67,8 @@ def best_time(fn, repeats: int = 10) -> float:
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        if torch.cuda.is_initialized():
+            torch.cuda.synchronize()  # kernels run asynchronously
         times.append(time.perf_counter() - start)
     return min(times)
 
@@ -84,6 +93,7 @@ def self_labelled(structures):
     return out
 
 
+@functools.cache
 def systems() -> dict[str, list]:
     return {
         "ethanol": read_labelled(ETHANOL_CCSD_T, "0:12"),
@@ -92,23 +102,29 @@ def systems() -> dict[str, list]:
 
 
 # -- sections -------------------------------------------------------------------------
+def _ensemble_timings(frames, device: str = "cpu") -> dict:
+    """One MD-step prediction of 8 members: one member, all in one pass (vmap), a loop."""
+    ens = Ensemble.from_config(ModelConfig(chains=8, prior="uninformative", device=device), seed=1)
+    batch = ens.model.backbone.batch(frames[:1]).to(device)
+    members = ens.members
+    stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
+    one = best_time(lambda: _member_outputs(ens.model, members[0], batch, functional=True))
+    vmapped = best_time(
+        lambda: torch.func.vmap(lambda p: _member_outputs(ens.model, p, batch, functional=True))(stacked)
+    )
+    loop = best_time(lambda: [_member_outputs(ens.model, p, batch) for p in members], repeats=5)
+    print(f"one member {one * 1e3:.1f} ms, 8 in one pass {vmapped * 1e3:.1f} ms "
+          f"({vmapped / one:.2f}x), loop {loop * 1e3:.1f} ms ({loop / one:.2f}x)")
+    return {"single_s": one, "one_pass_s": vmapped, "loop_s": loop,
+            "one_pass_over_single": vmapped / one, "loop_over_single": loop / one}
+
+
 def ensemble_section(structures) -> dict:
     torch.set_num_threads(2)
-    ens = Ensemble.from_config(ModelConfig(chains=8, prior="uninformative"), seed=1)
     out = {}
     for name, frames in structures.items():
-        batch = ens.model.backbone.batch(frames[:1])
-        members = ens.members
-        stacked = {k: torch.stack([m[k] for m in members]) for k in members[0]}
-        one = best_time(lambda: _member_outputs(ens.model, members[0], batch, functional=True))
-        vmapped = best_time(
-            lambda: torch.func.vmap(lambda p: _member_outputs(ens.model, p, batch, functional=True))(stacked)
-        )
-        loop = best_time(lambda: [_member_outputs(ens.model, p, batch) for p in members], repeats=5)
-        out[name] = {"single_s": one, "one_pass_s": vmapped, "loop_s": loop,
-                     "one_pass_over_single": vmapped / one, "loop_over_single": loop / one}
-        print(f"{name}: one member {one * 1e3:.1f} ms, 8 in one pass {vmapped * 1e3:.1f} ms "
-              f"({vmapped / one:.2f}x), loop {loop * 1e3:.1f} ms ({loop / one:.2f}x)")
+        print(f"{name}: ", end="")
+        out[name] = _ensemble_timings(frames)
     return {"ensemble": out, "ensemble_over_single_full": out["ethanol"]["one_pass_over_single"]}
 
 
@@ -249,25 +265,74 @@ def reference_section(structures) -> dict:
                           "gfn1_si64_s": si}, "reference_s_ethanol": warm, "reference_s_si64": si}
 
 
+def _timed_update(frames, settings: dict, device: str, budget_s: float) -> dict:
+    """Wall time of one update after a new label (8 labels before it), one worker per chain.
+
+    A 20-step update first starts the workers, then a second one gives the rate, from
+    which the full update's time is foreseen; it runs only if that fits ``budget_s``."""
+    chains, probe = settings["chains"], 20
+    config = ModelConfig(**{**settings, "workers": chains}, threads_per_worker=1, device=device)
+    with Ensemble.from_config(config.model_copy(update={"cycle_steps": probe, "early_stop": False}), seed=0) as ens:
+        ens.add_data(frames[:7])
+        start = time.perf_counter()
+        ens.update([frames[7]])  # starts the workers
+        out = {"settings": settings, "workers": chains, "first_update_s": time.perf_counter() - start}
+        start = time.perf_counter()
+        ens.update([frames[8]])
+        out["chain_steps_per_s"] = chains * probe / (time.perf_counter() - start)
+        out["foreseen_update_s"] = foreseen = chains * settings["cycle_steps"] / out["chain_steps_per_s"]
+        if foreseen > budget_s:
+            out["skipped"] = f"foreseen {foreseen:.0f} s at the probe's rate, over the budget of {budget_s:.0f} s"
+        else:
+            ens.config = config  # the full cycle
+            start = time.perf_counter()
+            ens.update([frames[9]])
+            out["update_s"] = time.perf_counter() - start
+    print(f"{settings['chains']} x {settings['cycle_steps']}: {out['chain_steps_per_s']:.1f} chain-steps/s, "
+          f"update {out.get('update_s', float('nan')):.1f} s {out.get('skipped', '')}")
+    return out
+
+
+def gpu_section(budget_s: float) -> dict:
+    gpu_file = RESULTS / "speed_gpu.json"
+    if not torch.cuda.is_available():
+        if not gpu_file.exists():
+            raise SystemExit("gpu: no CUDA device here and no results/speed_gpu.json (see benchmarks/gpu.sh)")
+        print(f"gpu: no CUDA device here; copying {gpu_file.name} into speed.json")
+        return {"gpu": json.loads(gpu_file.read_text())}
+    frames = read_labelled(ETHANOL_CCSD_T, "0:10")
+    out = {"device_name": torch.cuda.get_device_name(0)}
+    parts = {"ensemble_ethanol": lambda: _ensemble_timings(frames, "cuda"),
+             "update_fast_ethanol": lambda: _timed_update(frames, FAST, "cuda", budget_s),
+             "update_paper_ethanol": lambda: _timed_update(frames, PAPER, "cuda", budget_s)}
+    for name, measure in parts.items():
+        out[name] = measure()
+        write_results("speed_gpu", out)  # each part as soon as it is measured: device time is short
+    out["update_s_paper_ethanol"] = out["update_paper_ethanol"].get("update_s")
+    write_results("speed_gpu", out)
+    return {"gpu": {"machine": machine(), **out}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", default="ensemble,chain_steps,profile,update,reference")
     parser.add_argument("--force", action="store_true", help="re-measure sections already stored")
+    parser.add_argument("--gpu-budget-s", type=float, default=300, help="longest update the gpu section runs")
     args = parser.parse_args()
     path = RESULTS / "speed.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.pop("machine", None)
-    structures = systems()
     sections = {
-        "ensemble": lambda: ensemble_section(structures),
-        "chain_steps": lambda: chain_steps_section(structures),
-        "profile": lambda: profile_section(structures),
-        "update": lambda: update_section(structures, results.get("chain_steps_per_s_fast")),
-        "reference": lambda: reference_section(structures),
+        "ensemble": lambda: ensemble_section(systems()),
+        "chain_steps": lambda: chain_steps_section(systems()),
+        "profile": lambda: profile_section(systems()),
+        "update": lambda: update_section(systems(), results.get("chain_steps_per_s_fast")),
+        "reference": lambda: reference_section(systems()),
+        "gpu": lambda: gpu_section(args.gpu_budget_s),
     }
     for name in args.only.split(","):
         key = "update_fast" if name == "update" else name
-        if key in results and not args.force:
+        if isinstance(results.get(key), dict) and not args.force:  # "gpu" holds a note until measured
             print(f"{name}: stored, skipped (--force to re-measure)")
             continue
         results.update(sections[name]())
