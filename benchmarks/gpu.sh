@@ -10,7 +10,7 @@
 #                                  # ~6-8 min with the machine's start; the paper update
 #                                  # runs only if foreseen under --gpu-budget-s (300 s)
 #   cp <files_at>/speed_gpu.json benchmarks/results/
-#   .venv/bin/python benchmarks/speed.py --only gpu   # copies it into speed.json under "gpu"
+#   .venv/bin/python benchmarks/speed.py --only gpu --force  # copies it into speed.json under "gpu"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
