@@ -80,7 +80,7 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     chosen = [frames[i] for i in picks]
     raw = np.array([cache[int(i)] for i in picks])
     with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
-        offset = ensemble.energy_offset  # set at the first reference call from the foundation
+        offset = ensemble.data.energy_offset  # set at the first reference call from the foundation
         finetuned = ensemble.predict(chosen).energy
     with Ensemble.pretrained(backbone) as pretrained:
         foundation = pretrained.predict(chosen).energy

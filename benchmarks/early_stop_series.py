@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from common import ROOT, update_results
 
-from flytune.bayes.chains import ChainJob
+from flytune.bayes.chain import ChainJob
 from flytune.bayes.early_stop import EarlyStop, drift
 
 

@@ -75,7 +75,7 @@ def main() -> None:
     with Ensemble.load(folder / "run" / "model.pt", workers=1) as ensemble:
         chosen = [frames[i] for i in sorted(picks)]
         predicted = ensemble.predict(chosen).energy
-        truth = np.array([pyscf.compute(a).energy for a in chosen]) + ensemble.energy_offset
+        truth = np.array([pyscf.compute(a).energy for a in chosen]) + ensemble.data.energy_offset
     errors = (predicted - truth) / KCAL_MOL
     result = {"complete": summary["stopped"] is None, "md_steps_done": summary["steps"]}
     result.update({key: summary.get(key) for key in (

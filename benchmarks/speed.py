@@ -40,7 +40,7 @@ from common import ETHANOL_CCSD_T, RESULTS, machine, write_results
 from torch.func import functional_call
 
 from flytune.bayes import sghmc
-from flytune.bayes.chains import log_posterior_fn
+from flytune.bayes.posterior import log_posterior
 from flytune.bayes.ensemble import Ensemble, _member_outputs
 from flytune.bayes.minibatch import draw_minibatch
 from flytune.config import ModelConfig
@@ -134,7 +134,7 @@ def _in_process_rates(frames, steps: int) -> dict:
     ens = Ensemble.from_config(ModelConfig(chains=2), seed=0)
     ens.add_data(frames)
     model, data = ens.model, ens.data
-    one_graph = log_posterior_fn(model, ens.prior, len(data))
+    one_graph = log_posterior(model, ens.prior, len(data))
 
     def batched(params, batch):
         return one_graph(params, batch[:3])
@@ -200,7 +200,7 @@ def profile_section(structures) -> dict:
     torch.set_num_threads(2)
     ens = Ensemble.from_config(ModelConfig(chains=2), seed=0)
     ens.add_data(structures["ethanol"][:8])
-    sampler = sghmc.build(log_posterior_fn(ens.model, ens.prior, len(ens.data)), has_aux=True)
+    sampler = sghmc.build(log_posterior(ens.model, ens.prior, len(ens.data)), has_aux=True)
     generator = torch.Generator().manual_seed(0)
     state = sampler.init(ens.prior.centre)
 

@@ -1,11 +1,14 @@
-"""flytune: on-the-fly Bayesian fine-tuning of pretrained interatomic potentials.
+"""flytune: on-the-fly Bayesian fine-tuning of pretrained interatomic potentials
+(the method with its equations: ``docs/method.md``).
 
 Public entry points:
 
 - :func:`flytune.backbones.load_backbone` — a pretrained potential behind one torch interface;
 - :class:`flytune.bayes.ensemble.Ensemble` — M SGHMC chains around the pretrained weights;
-- :mod:`flytune.bayes.calibration` — the on-the-fly calibrated decision;
-- :func:`flytune.finetune.finetune` / :func:`flytune.finetune.evaluate` — offline use.
+- :class:`flytune.otf.decision.Decision` — the calibrated call-or-not rule with its safety nets;
+- :class:`flytune.otf.calculator.OnTheFlyCalculator` — the ASE calculator that fine-tunes as it goes;
+- :func:`flytune.otf.run.run` — a whole on-the-fly run from a configuration, resumable;
+- :func:`flytune.finetune.finetune` / :func:`flytune.evaluation.evaluate` — offline use.
 """
 
 from flytune.errors import FlytuneError

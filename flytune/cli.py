@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Annotated, Optional
@@ -24,7 +21,6 @@ app = typer.Typer(
     help="On-the-fly Bayesian fine-tuning of pretrained interatomic potentials.",
 )
 console = Console(stderr=True)
-MODEL_FILE = "model.pt"
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -47,131 +43,11 @@ def main() -> None:
     except typer.Abort:
         console.print("aborted")
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # usage errors of the parser (click's, or typer's own)
+        if callable(getattr(exc, "show", None)) and isinstance(getattr(exc, "exit_code", None), int):
             exc.show()
             sys.exit(exc.exit_code)
         raise
-
-
-def _default_data_dir() -> Path:
-    env = os.environ.get("FLYTUNE_DATA")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _prepare_out(out: Path, overwrite: bool) -> Path:
-    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
-    if occupied and not overwrite:
-        raise FlytuneError(f"output folder {str(out)!r} exists; choose another --out or pass --overwrite")
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(tmp, out)
-
-
-def run_finetune(
-    data: Path,
-    out: Path,
-    *,
-    model_settings: dict,
-    uncertainty_settings: dict,
-    offline_settings: dict,
-    frames: str = ":",
-    quiet: bool = False,
-    overwrite: bool = False,
-) -> dict:
-    """Read, validate, fine-tune and write OUT atomically; returns the run's summary."""
-    from flytune.config import ModelConfig, OfflineConfig, UncertaintyConfig
-    from flytune.data import read_labelled
-    from flytune.finetune import finetune
-    from flytune.progress import SamplingProgress, stop_on_sigint
-
-    config = ModelConfig(**model_settings)
-    uncertainty = UncertaintyConfig(**uncertainty_settings)
-    offline = OfflineConfig(**offline_settings)
-    structures = read_labelled(data, frames)
-    tmp = _prepare_out(out, overwrite)
-    try:
-        total = config.chains * (offline.initial_steps + (offline.samples_per_chain - 1) * offline.cycle_steps)
-        start = time.perf_counter()
-        with stop_on_sigint() as stop, SamplingProgress(total, "fine-tuning", quiet, console) as bar:
-            ensemble = finetune(structures, config, uncertainty, offline, progress=bar, stop=stop)
-        wall = time.perf_counter() - start
-        with ensemble:
-            interrupted = any(c.interrupted for c in ensemble.chains)
-            ensemble.save(tmp / MODEL_FILE)
-            summary = {
-                "data": os.fspath(data),
-                "frames": frames,
-                "n_structures": len(structures),
-                "n_members": len(ensemble.members),
-                "energy_offset": ensemble.energy_offset,
-                "interrupted": interrupted,
-                "wall_time_s": wall,
-                "chain_steps": bar.completed,
-                "chain_steps_per_s": bar.completed / wall,
-                "model": ensemble.config.model_dump(mode="json"),
-                "uncertainty": ensemble.uncertainty.model_dump(mode="json"),
-                "offline": offline.model_dump(mode="json"),
-            }
-        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2))
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if interrupted:
-        console.print(f"[yellow]interrupted[/yellow]: kept {summary['n_members']} samples taken so far")
-    console.print(
-        f"wrote {out}/{MODEL_FILE}: {summary['n_members']} members from {len(structures)} structures, "
-        f"{summary['chain_steps_per_s']:.2f} chain-steps/s"
-    )
-    return summary
-
-
-def load_model(spec: str, device: str = "cpu"):
-    """An ensemble from a finetune folder or file, or a backbone name (pretrained, one member)."""
-    from flytune.bayes.ensemble import Ensemble
-
-    path = Path(spec)
-    if path.is_dir():
-        if not (path / MODEL_FILE).exists():
-            raise FlytuneError(f"{spec!r} has no {MODEL_FILE}; give a folder written by `flytune finetune` or a backbone name")
-        return Ensemble.load(path / MODEL_FILE, workers=1, device=device)
-    if path.suffix == ".pt" and path.is_file():
-        return Ensemble.load(path, workers=1, device=device)
-    return Ensemble.pretrained(spec, device=device)
-
-
-def run_evaluate(model: str, data: Path, *, frames: str = ":", force_threshold_kcal: float = 1.0,
-                 json_out: Path | None = None, quiet: bool = False, device: str = "cpu") -> dict:
-    from flytune.data import read_labelled
-    from flytune.evaluation import evaluate
-    from flytune.units import KCAL_MOL
-
-    if force_threshold_kcal <= 0:
-        raise FlytuneError(f"--force-threshold must be > 0 (got {force_threshold_kcal})")
-    structures = read_labelled(data, frames)
-    ensemble = load_model(model, device)
-    with ensemble:
-        metrics = evaluate(ensemble, structures, force_threshold_kcal * KCAL_MOL)
-    metrics["model"] = model
-    metrics["data"] = os.fspath(data)
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(metrics, indent=2))
-    if not quiet:
-        print_metrics({model: metrics})
-    return metrics
 
 
 def print_metrics(results: dict[str, dict]) -> None:
@@ -224,18 +100,38 @@ def finetune_cmd(
     quiet: bool = False,
 ) -> None:
     """Fit a Bayesian ensemble to a labelled data set (offline fine-tuning)."""
-    run_finetune(
+    from flytune.config import ModelConfig, OfflineConfig, UncertaintyConfig
+
+    _finetune(
         data,
         out,
-        model_settings=dict(backbone=backbone, chains=chains, prior=prior, sigma_prior=sigma_prior,
-                            batch_size=batch_size, workers=workers, device=device),
-        uncertainty_settings=dict(threshold=threshold, threshold_unit=threshold_unit),
-        offline_settings=dict(initial_steps=steps, samples_per_chain=samples_per_chain,
-                              cycle_steps=cycle_steps, eta_start=eta_start, eta_end=eta_end, seed=seed),
+        ModelConfig(backbone=backbone, chains=chains, prior=prior, sigma_prior=sigma_prior,
+                    batch_size=batch_size, workers=workers, device=device),
+        UncertaintyConfig(threshold=threshold, threshold_unit=threshold_unit),
+        OfflineConfig(initial_steps=steps, samples_per_chain=samples_per_chain,
+                      cycle_steps=cycle_steps, eta_start=eta_start, eta_end=eta_end, seed=seed),
         frames=frames,
         quiet=quiet,
         overwrite=overwrite,
     )
+
+
+def _finetune(data, out, config, uncertainty, offline, *, frames=":", quiet=False, overwrite=False) -> dict:
+    """:func:`flytune.finetune.finetune_folder` with a progress bar, Ctrl-C and a last line."""
+    from flytune.finetune import MODEL_FILE, finetune_folder
+    from flytune.progress import SamplingProgress, stop_on_sigint
+
+    total = config.chains * (offline.initial_steps + (offline.samples_per_chain - 1) * offline.cycle_steps)
+    with stop_on_sigint() as stop, SamplingProgress(total, "fine-tuning", quiet, console) as bar:
+        summary = finetune_folder(data, out, config, uncertainty, offline, frames=frames, overwrite=overwrite,
+                                  progress=bar, stop=stop)
+    if summary["interrupted"]:
+        console.print(f"[yellow]interrupted[/yellow]: kept {summary['n_members']} samples taken so far")
+    console.print(
+        f"wrote {out}/{MODEL_FILE}: {summary['n_members']} members from {summary['n_structures']} structures, "
+        f"{summary['chain_steps_per_s']:.2f} chain-steps/s"
+    )
+    return summary
 
 
 @app.command("evaluate")
@@ -249,8 +145,12 @@ def evaluate_cmd(
     quiet: bool = False,
 ) -> None:
     """Accuracy and uncertainty quality of a model on labelled structures."""
-    run_evaluate(model, data, frames=frames, force_threshold_kcal=force_threshold, json_out=json_out,
-                 quiet=quiet, device=device)
+    from flytune.evaluation import evaluate_file
+
+    metrics = evaluate_file(model, data, frames=frames, force_threshold_kcal=force_threshold, json_out=json_out,
+                            device=device)
+    if not quiet:
+        print_metrics({model: metrics})
 
 
 @app.command("run")
@@ -268,7 +168,7 @@ def run_cmd(
     otf.open()
     try:
         with stop_on_sigint() as stop, RunProgress(cfg.md.total_steps, cfg.md.timestep_fs, quiet, console) as bar:
-            summary = otf.advance(stop, bar)
+            summary = otf.advance(stop, bar, bar.update_step)
     finally:
         otf.close()
     print_summary(summary, cfg.run_dir)
@@ -319,10 +219,8 @@ def report_cmd(
 
 
 @app.command("pack")
-def pack_cmd(
-    run_dir: Annotated[Path, typer.Argument(help="a stopped run directory")],
-    archive: Annotated[Path, typer.Argument(help="the file to write (.tar.xz)")],
-) -> None:
+def pack_cmd(run_dir: Annotated[Path, typer.Argument(help="a stopped run directory")],
+             archive: Annotated[Path, typer.Argument(help="the file to write (.tar.xz)")]) -> None:
     """Pack a run directory into one compressed file, to move it to another machine or keep
     it between batch jobs; `flytune unpack` restores it and `flytune run` resumes it."""
     from flytune.otf.rundir import pack
@@ -356,39 +254,6 @@ def init_cmd(
     console.print(f"wrote {path}")
 
 
-DEMO_CONFIG = """\
-# flytune demo: on-the-fly fine-tuning of SevenNet-0 on ethanol at 300 K with PySCF.
-# Settings cut to finish in minutes on 2 CPU cores; full quality: chains = 8,
-# cycle_steps = 2000, no max_reference_calls, steps = 20000 (10 ps).
-structure = "ethanol.xyz"
-run_dir = "run"
-seed = 1
-[model]
-backbone = "7net-0"
-chains = 2
-cycle_steps = {cycle_steps}
-eta_max = 1e-3
-workers = 2
-[reference]
-name = "pyscf"
-[reference.options]
-xc = "b3lyp"
-basis = "6-31g*"
-density_fit = true
-[uncertainty]
-threshold = 0.5
-threshold_unit = "kcal/mol"
-[md]
-driver = "langevin"
-timestep_fs = 0.5
-temperature_K = 300
-steps = {steps}
-[safety]
-max_reference_calls = {max_calls}
-force_call_after = {force_after}     # short chains barely spread: forced calls feed the calibration
-"""
-
-
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="output folder (config, run directory)")] = Path("demo-out"),
@@ -399,15 +264,9 @@ def demo_cmd(
     quiet: bool = False,
 ) -> None:
     """On-the-fly fine-tuning of SevenNet-0 on ethanol (300 K, PySCF B3LYP/6-31G*); resumes if re-run."""
-    from ase.build import molecule
-    from ase.io import write
+    from flytune.demo import write_demo
 
-    out.mkdir(parents=True, exist_ok=True)
-    if not (out / "ethanol.xyz").exists():
-        write(out / "ethanol.xyz", molecule("CH3CH2OH"))
-    config = out / "demo.toml"
-    config.write_text(DEMO_CONFIG.format(steps=steps, cycle_steps=cycle_steps, max_calls=max_calls,
-                                         force_after=force_after))
+    config = write_demo(out, steps=steps, cycle_steps=cycle_steps, max_calls=max_calls, force_after=force_after)
     console.print(f"demo: on-the-fly ethanol, {steps} steps of 0.5 fs, config {config}")
     run_cmd(config, quiet=quiet)
 
@@ -424,32 +283,17 @@ def demo_finetune_cmd(
     quiet: bool = False,
 ) -> None:
     """Fine-tune SevenNet-0 on a few CCSD(T) ethanol frames and compare before/after."""
-    import numpy as np
+    from flytune.config import ModelConfig, OfflineConfig, UncertaintyConfig
+    from flytune.demo import split_finetune_demo
+    from flytune.evaluation import evaluate_file
 
-    from flytune.data import read_labelled
-
-    data = data or _default_data_dir() / "ethanol_ccsd_t_sgdml" / "ethanol_ccsd_t-train.npz"
-    frames = read_labelled(data)
-    order = np.random.default_rng(0).permutation(len(frames))
-    if train_frames + test_frames > len(frames):
-        raise FlytuneError(f"{data} has {len(frames)} frames; ask for fewer train/test frames")
-    out.mkdir(parents=True, exist_ok=True)
-    from ase.io import write
-
-    write(out / "train.extxyz", [frames[i] for i in order[:train_frames]])
-    write(out / "test.extxyz", [frames[i] for i in order[train_frames : train_frames + test_frames]])
-    console.print(f"demo: {train_frames} training and {test_frames} test frames of {data.name}")
-    run_finetune(
-        out / "train.extxyz",
-        out / "model",
-        model_settings=dict(backbone="7net-0", chains=chains, workers=workers),
-        uncertainty_settings={},
-        offline_settings=dict(initial_steps=steps, eta_start=1e-3, eta_end=1e-4),
-        quiet=quiet,
-        overwrite=True,
-    )
-    before = run_evaluate("7net-0", out / "test.extxyz", quiet=True)
-    after = run_evaluate(str(out / "model"), out / "test.extxyz", quiet=True)
+    train, test = split_finetune_demo(data, out, train_frames, test_frames)
+    console.print(f"demo: {train_frames} training and {test_frames} test frames")
+    _finetune(train, out / "model", ModelConfig(backbone="7net-0", chains=chains, workers=workers),
+              UncertaintyConfig(), OfflineConfig(initial_steps=steps, eta_start=1e-3, eta_end=1e-4),
+              quiet=quiet, overwrite=True)
+    before = evaluate_file("7net-0", test)
+    after = evaluate_file(str(out / "model"), test)
     print_metrics({"SevenNet-0": before, "fine-tuned": after})
     (out / "demo.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
     Console().print(

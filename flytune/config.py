@@ -166,9 +166,12 @@ class MDConfig(_Strict):
 
 
 class SafetyConfig(_Strict):
-    max_reference_calls: PositiveInt | None = None
-    min_steps_between_calls: int = Field(0, ge=0)
-    force_call_after: PositiveInt | None = None
+    """Limits on the call decision (:mod:`flytune.otf.decision`) and on the run; ``None``
+    switches a limit off."""
+
+    max_reference_calls: PositiveInt | None = Field(None, description="stop calling the reference once reached")
+    min_steps_between_calls: int = Field(0, ge=0, description="force calls to wait after a call")
+    force_call_after: PositiveInt | None = Field(None, description="call anyway after this many force calls without one")
     max_temperature_K: PositiveFloat | None = Field(None, description="stop if the temperature exceeds this")
     max_force_eV_A: PositiveFloat | None = Field(50.0, description="stop if any force exceeds this (eV/Å)")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io.formats import string2index
 from ase.stress import voigt_6_to_full_3x3_stress
 
 from flytune.errors import FlytuneError
@@ -62,7 +63,8 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list[Atoms]:
         raise FlytuneError(f"data file {path!r} not found; check the path")
     try:
         if path.endswith(".npz"):
-            frames = read_sgdml(path)[_as_slice(index)]
+            frames = read_sgdml(path)[string2index(index)]
+            frames = frames if isinstance(frames, list) else [frames]
         else:
             from ase.io import read
 
@@ -78,14 +80,6 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list[Atoms]:
     if not frames:
         raise FlytuneError(f"{path!r} holds no structures")
     return frames
-
-
-def _as_slice(index: str) -> slice:
-    parts = [int(p) if p else None for p in index.split(":")] if ":" in index else None
-    if parts is None:
-        i = int(index)
-        return slice(i, i + 1 if i != -1 else None)
-    return slice(*parts)
 
 
 def labels_of(atoms: Atoms, where: str = "structure") -> Labels:

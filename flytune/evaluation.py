@@ -13,15 +13,21 @@ on a validation set).
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 from scipy.stats import rankdata
 
 from flytune.bayes.ensemble import Ensemble
-from flytune.data import labels_of
+from flytune.data import labels_of, read_labelled
+from flytune.errors import FlytuneError
+from flytune.finetune import MODEL_FILE
+from flytune.files import write_text_atomic
 from flytune.units import KCAL_MOL
 
 LOG_KCAL = math.log(KCAL_MOL)  # log p in kcal/mol/Å units = log p in eV/Å units + LOG_KCAL
@@ -96,9 +102,9 @@ def evaluate(
     for the AUC-ROC. ``calibration_factor``: see :func:`error_metrics`.
     """
     labels = [labels_of(a, where=f"structure {i}") for i, a in enumerate(structures)]
-    offset = ensemble.energy_offset
+    offset = ensemble.data.energy_offset
     if offset is None:
-        offset = ensemble.pretrained_energy(structures[0]) - labels[0].energy
+        offset = ensemble.data.pretrained_energy(structures[0]) - labels[0].energy
     pred = ensemble.predict(structures, batch_size=batch_size)
     energy_error = np.array([lab.energy + offset for lab in labels]) - pred.energy
     force_error = np.concatenate([lab.forces for lab in labels]) - pred.forces
@@ -109,4 +115,42 @@ def evaluate(
         energy_offset=float(offset),
         force_error_threshold=float(force_error_threshold),
     )
+    return metrics
+
+
+def load_model(spec: str, device: str = "cpu") -> Ensemble:
+    """An ensemble from a fine-tuning folder, a ``model.pt`` file (of ``flytune finetune``
+    or ``flytune run``), or a backbone name or file (the pretrained model, one member)."""
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / MODEL_FILE).exists():
+            raise FlytuneError(f"{spec!r} has no {MODEL_FILE}; give a folder written by `flytune finetune` or a backbone name")
+        return Ensemble.load(path / MODEL_FILE, workers=1, device=device)
+    if path.suffix == ".pt" and path.is_file():
+        return Ensemble.load(path, workers=1, device=device)
+    return Ensemble.pretrained(spec, device=device)
+
+
+def evaluate_file(
+    model: str,
+    data: str | os.PathLike,
+    *,
+    frames: str = ":",
+    force_threshold_kcal: float = 1.0,
+    json_out: str | os.PathLike | None = None,
+    device: str = "cpu",
+) -> dict:
+    """``flytune evaluate``: the metrics of :func:`evaluate` for ``model`` (see
+    :func:`load_model`) on the labelled structures of ``data``, with the threshold of a
+    large force error in kcal/mol/Å; written to ``json_out`` when given."""
+    if force_threshold_kcal <= 0:
+        raise FlytuneError(f"--force-threshold must be > 0 (got {force_threshold_kcal})")
+    structures = read_labelled(data, frames)
+    with load_model(model, device) as ensemble:
+        metrics = evaluate(ensemble, structures, force_threshold_kcal * KCAL_MOL)
+    metrics["model"] = model
+    metrics["data"] = os.fspath(data)
+    if json_out is not None:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(json_out, json.dumps(metrics, indent=2))
     return metrics

@@ -5,15 +5,23 @@ then cosine cycles, one posterior sample at the end of each."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
 
-from flytune.bayes.chains import ChainJob, Progress, StopFlag
+from flytune.bayes.chain import ChainJob, Progress, StopFlag
 from flytune.bayes.ensemble import Ensemble
 from flytune.bayes.schedules import Schedule, offline_schedule
 from flytune.config import ModelConfig, OfflineConfig, UncertaintyConfig
+from flytune.data import read_labelled
+from flytune.errors import FlytuneError
+from flytune.files import replacing
+from flytune.progress import StepCounter
 
 
 def finetune_schedule(config: ModelConfig, offline: OfflineConfig) -> Schedule:
@@ -54,7 +62,7 @@ def finetune(
     offline = offline or OfflineConfig()
     ensemble = Ensemble.from_config(config, uncertainty, seed=offline.seed)
     try:
-        ensemble.add_data(structures)
+        ensemble.data.extend(structures)
         schedule = finetune_schedule(ensemble.config, offline)
         jobs = [ChainJob(c, schedule, priority=False, replace_samples=False) for c in ensemble.chains]
         ensemble.run(jobs, progress, stop)
@@ -62,3 +70,57 @@ def finetune(
         ensemble.close()
         raise
     return ensemble
+
+
+#: the model file in a fine-tuning output folder
+MODEL_FILE = "model.pt"
+
+
+def finetune_folder(
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: ModelConfig,
+    uncertainty: UncertaintyConfig | None = None,
+    offline: OfflineConfig | None = None,
+    *,
+    frames: str = ":",
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    stop: StopFlag | None = None,
+) -> dict:
+    """``flytune finetune``: read and validate ``data``, fine-tune, and write ``out``
+    (``model.pt``, ``finetune.json``) atomically: nothing is left there on an error.
+
+    Returns the summary written to ``finetune.json`` (``interrupted`` is true when
+    ``stop`` ended the chains early; the samples taken so far are kept).
+    """
+    offline = offline or OfflineConfig()
+    structures = read_labelled(data, frames)
+    out = Path(out)
+    occupied = any(out.iterdir()) if out.is_dir() else out.exists()
+    if occupied and not overwrite:
+        raise FlytuneError(f"output folder {str(out)!r} exists; choose another --out or pass --overwrite")
+    with replacing(out) as tmp:
+        tmp.mkdir(parents=True)
+        start = time.perf_counter()
+        steps = StepCounter(progress)
+        with finetune(structures, config, uncertainty, offline, progress=steps, stop=stop) as ensemble:
+            wall = time.perf_counter() - start
+            ensemble.save(tmp / MODEL_FILE)
+            summary = {
+                "data": os.fspath(data),
+                "frames": frames,
+                "n_structures": len(structures),
+                "n_members": len(ensemble.members),
+                "energy_offset": ensemble.data.energy_offset,
+                "interrupted": any(c.interrupted for c in ensemble.chains),
+                "wall_time_s": wall,
+                "chain_steps": steps.completed,
+                "chain_steps_per_s": steps.completed / wall,
+                "model": ensemble.config.model_dump(mode="json"),
+                "uncertainty": ensemble.uncertainty.model_dump(mode="json"),
+                "offline": offline.model_dump(mode="json"),
+            }
+        (tmp / "finetune.json").write_text(json.dumps(summary, indent=2))
+    return summary
+

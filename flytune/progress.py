@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -31,10 +31,34 @@ def stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
+class StepCounter:
+    """A sampler progress callback ``(chain, steps_done, mean_ll)`` that counts the
+    chain-steps done (the latest report of each chain) and passes every report on."""
+
+    def __init__(self, forward: Callable[[int, int, float], None] | None = None):
+        self.forward = forward
+        self._done: dict[int, int] = {}
+
+    @property
+    def completed(self) -> int:
+        return sum(self._done.values())
+
+    def __call__(self, chain: int, steps_done: int, mean_ll: float) -> None:
+        self._done[chain] = steps_done
+        if self.forward is not None:
+            self.forward(chain, steps_done, mean_ll)
+
+
 class _Bar:
     """A rich progress display used as a context manager."""
 
     _progress: Progress
+
+    @staticmethod
+    def _bar(name: str, *fields: str, quiet: bool, console: Console | None) -> Progress:
+        """Name, bar, n of total, the ``fields`` columns, elapsed time and ETA."""
+        return Progress(TextColumn(name), BarColumn(), MofNCompleteColumn(), *map(TextColumn, fields),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=quiet)
 
     def __enter__(self):
         self._progress.start()
@@ -44,7 +68,7 @@ class _Bar:
         self._progress.stop()
 
 
-class SamplingProgress(_Bar):
+class SamplingProgress(_Bar, StepCounter):
     """A rich progress bar over all chain-steps, with the current loss and the step rate.
 
     Use as the ``progress`` callback of the samplers: ``(chain, steps_done, mean_ll)``.
@@ -53,56 +77,37 @@ class SamplingProgress(_Bar):
 
     def __init__(self, total_steps: int, description: str = "sampling", quiet: bool = False,
                  console: Console | None = None):
+        StepCounter.__init__(self, self._show)
         self.total = total_steps
         self.quiet = quiet
-        self._done: dict[int, int] = {}
         self._start = time.perf_counter()
-        self._progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]:.2f} chain-steps/s"),
-            TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        )
+        self._progress = self._bar("[bold]{task.description}", "{task.fields[rate]:.2f} chain-steps/s",
+                                   "loss {task.fields[loss]}", quiet=quiet, console=console)
         self._task = self._progress.add_task(description, total=total_steps, rate=0.0, loss="-")
-
-    @property
-    def completed(self) -> int:
-        return sum(self._done.values())
 
     @property
     def rate(self) -> float:
         """Chain-steps per second since the start."""
         return self.completed / max(time.perf_counter() - self._start, 1e-9)
 
-    def __call__(self, chain: int, steps_done: int, mean_ll: float) -> None:
-        self._done[chain] = steps_done
+    def _show(self, chain: int, steps_done: int, mean_ll: float) -> None:
         self._progress.update(self._task, completed=self.completed, rate=self.rate, loss=f"{-mean_ll:.4g}")
 
 
 class RunProgress(_Bar):
-    """Progress of an on-the-fly run: step, simulated time, reference calls, last P, T, ETA."""
+    """Progress of an on-the-fly run: step, simulated time, reference calls, last P, T,
+    ETA, and during a posterior update the chain and SGHMC step it has reached.
+
+    Call it after every MD step with the run; :meth:`update_step` is the ``progress``
+    callback of the updates."""
 
     def __init__(self, total_steps: int, timestep_fs: float, quiet: bool = False, console: Console | None = None):
         self.timestep_fs = timestep_fs
-        self._progress = Progress(
-            TextColumn("[bold]MD"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[ps]:.3f} ps"),
-            TextColumn("calls {task.fields[calls]}"),
-            TextColumn("P {task.fields[prob]}"),
-            TextColumn("{task.fields[temperature]:.0f} K"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=quiet,
-        )
-        self._task = self._progress.add_task("md", total=total_steps, ps=0.0, calls=0, prob="-", temperature=0.0)
+        self._progress = self._bar("[bold]MD", "{task.fields[ps]:.3f} ps", "calls {task.fields[calls]}",
+                                   "P {task.fields[prob]}", "{task.fields[temperature]:.0f} K",
+                                   "{task.fields[update]}", quiet=quiet, console=console)
+        self._task = self._progress.add_task("md", total=total_steps, ps=0.0, calls=0, prob="-", temperature=0.0,
+                                          update="")
 
     def __call__(self, run) -> None:
         results = run.calc.results
@@ -113,4 +118,8 @@ class RunProgress(_Bar):
             calls=run.calc.state.reference_calls,
             prob=f"{results.get('prob_exceed', float('nan')):.3f}",
             temperature=run.atoms.get_temperature(),
+            update="",
         )
+
+    def update_step(self, chain: int, step: int, mean_ll: float) -> None:
+        self._progress.update(self._task, update=f"updating: chain {chain}, step {step}")

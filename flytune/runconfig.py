@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import difflib
+import json
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
@@ -54,6 +57,53 @@ min_steps_between_calls = 0
 # max_temperature_K = 2000
 max_force_eV_A = 50
 '''
+
+
+_KEY_LINE = re.compile(r"^(?P<off>#\s*)?(?P<key>[A-Za-z_][A-Za-z0-9_]*)\s*=\s*(?P<value>.*?)(?P<comment>\s+#.*)?$")
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(value)  # strings (TOML basic strings share JSON's escapes)
+
+
+def example_config(settings: Mapping[str, object]) -> str:
+    """:data:`EXAMPLE` with ``settings`` (``"key"`` at the top, ``"section.key"`` in a
+    table; plain values) set in place, comments kept; a commented-out line is switched on,
+    a key the example lacks is added at the end of its table."""
+    pending = dict(settings)
+    out: list[str] = []
+    section = ""
+
+    def flush(section: str) -> None:
+        for dotted in [k for k in pending if k.rpartition(".")[0] == section]:
+            out.append(f"{dotted.rpartition('.')[2]} = {_toml_value(pending.pop(dotted))}")
+
+    for line in EXAMPLE.splitlines():
+        header = re.match(r"^\[([A-Za-z_.]+)\]", line)
+        if header:
+            blanks = []
+            while out and not out[-1].strip():
+                blanks.append(out.pop())
+            flush(section)
+            out.extend(blanks)
+            section = header.group(1)
+            out.append(line)
+            continue
+        match = _KEY_LINE.match(line)
+        dotted = f"{section}.{match.group('key')}" if match and section else match.group("key") if match else None
+        if dotted in pending:
+            text = f"{match.group('key')} = {_toml_value(pending.pop(dotted))}"
+            comment = (match.group("comment") or "").strip()
+            line = f"{text:<30} {comment}" if comment else text
+        out.append(line)
+    flush(section)
+    if pending:
+        raise ValueError(f"keys without a table in the example: {sorted(pending)}")
+    return "\n".join(out) + "\n"
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:

@@ -21,12 +21,9 @@ def test_worked_example_of_the_method_spec():
     assert c.posterior_rate == pytest.approx(13.19)
     assert c.prob_within(0.5, 0.10) == pytest.approx(0.988329, abs=5e-7)
     assert c.prob_within(0.5, 0.15) == pytest.approx(0.932751, abs=5e-7)
-    assert not c.should_call(0.5, 0.10)
-    assert c.should_call(0.5, 0.15)
     assert c.switch_sigma(0.5) == pytest.approx(0.138163, abs=5e-7)
-    # just below / above the switch-over
-    assert not c.should_call(0.5, 0.138163 - 1e-5)
-    assert c.should_call(0.5, 0.138163 + 1e-5)
+    # just below / above the switch-over, P(|e| > ε) crosses 5 %
+    assert c.prob_exceed(0.5, 0.138163 - 1e-5) < 0.05 < c.prob_exceed(0.5, 0.138163 + 1e-5)
 
 
 def test_t_and_hyp2f1_forms_agree_where_well_conditioned():
@@ -67,8 +64,10 @@ def test_calibrated_scale_and_state_roundtrip():
 
 def test_prior_underconfident_at_start():
     c = Calibrator(shape=3.0, rate=10.0)
-    # prior mean of λ is 0.3 < 1: a raw σ of 0.1 with ε = 0.5 still triggers calls
-    assert c.should_call(0.5, 0.2)
+    # prior mean of λ is 0.3 < 1: a raw σ of ε/2.5 = 0.2 (1.2 % beyond ε for a calibrated
+    # Gaussian) has P(|e| > ε) = 22 % and triggers a call; σ = 0.1 gives 3.4 % and does not
+    assert c.prob_exceed(0.5, 0.2) == pytest.approx(0.22, abs=0.01)
+    assert c.prob_exceed(0.5, 0.1) == pytest.approx(0.034, abs=0.001)
 
 
 @pytest.mark.parametrize("bad", [dict(shape=0.0), dict(rate=-1.0)])

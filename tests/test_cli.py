@@ -101,7 +101,7 @@ def test_bad_input_one_line_exit_2_nothing_written(monkeypatch, capsys, tmp_path
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], err
     assert not out.exists()
-    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_python_m_flytune():
@@ -129,7 +129,7 @@ def test_ctrl_c_stops_cleanly_and_keeps_samples(tmp_path, train_file):
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.time() + 120
-    while not any("partial" in p.name for p in tmp_path.iterdir()):
+    while not (tmp_path / "interrupted.tmp").exists():  # the output being written
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
         time.sleep(0.2)
     time.sleep(20)  # workers start and sample
@@ -141,3 +141,28 @@ def test_ctrl_c_stops_cleanly_and_keeps_samples(tmp_path, train_file):
     assert summary["chain_steps"] < 200000  # stopped long before the end
     assert "interrupted" in stderr
     assert (out / "model.pt").exists()
+
+
+def test_demo_config_is_the_example_with_the_demo_cuts(tmp_path):
+    """`flytune demo` writes the example configuration with its cuts set in place: the
+    settings equal the demo's own (those of the template it replaced)."""
+    import tomllib
+
+    from flytune.config import RunConfig
+    from flytune.demo import write_demo
+    from flytune.runconfig import load_run_config
+
+    path = write_demo(tmp_path, steps=400, cycle_steps=40, max_calls=25, force_after=40)
+    expected = RunConfig.model_validate({
+        "structure": str(tmp_path / "ethanol.xyz"), "run_dir": str(tmp_path / "run"), "seed": 1,
+        "model": {"backbone": "7net-0", "chains": 2, "cycle_steps": 40, "eta_max": 1e-3, "workers": 2},
+        "reference": {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}},
+        "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
+        "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": 400},
+        "safety": {"max_reference_calls": 25, "force_call_after": 40},
+    })
+    assert load_run_config(path) == expected
+    text = path.read_text()
+    assert text.startswith("# flytune demo") and "# " in text.split("[model]")[1]  # the example's comments stay
+    assert tomllib.loads(text)["md"]["steps"] == 400
+    assert (tmp_path / "ethanol.xyz").exists()

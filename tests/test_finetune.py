@@ -19,8 +19,8 @@ def test_a_few_steps_lower_the_held_out_force_rmse(ethanol_frames):
     ) as ensemble:
         after = evaluate(ensemble, test)
         assert len(ensemble.members) == 2
-        assert ensemble.energy_offset == pytest.approx(
-            ensemble.pretrained_energy(train[0]) - train[0].get_potential_energy()
+        assert ensemble.data.energy_offset == pytest.approx(
+            ensemble.data.pretrained_energy(train[0]) - train[0].get_potential_energy()
         )
     assert after["force_rmse"] < 0.7 * before["force_rmse"], (before["force_rmse"], after["force_rmse"])
     assert after["n_structures"] == 10 and after["n_members"] == 2

@@ -1,3 +1,5 @@
+"""The priority minibatch estimator against the method's q, computed here independently."""
+
 import numpy as np
 import pytest
 import torch
@@ -5,32 +7,75 @@ import torch
 from flytune.bayes.minibatch import draw_minibatch, sampling_probabilities
 
 
-@pytest.mark.parametrize("num_data,batch_size", [(7, 5), (30, 5), (200, 10)])
-def test_priority_probabilities(num_data, batch_size):
-    q = sampling_probabilities(num_data, batch_size)
-    assert float(q.sum()) == pytest.approx(1.0)
-    assert float(q[-1]) == pytest.approx(1.0 / batch_size)  # newest: once per batch on average
-    assert torch.allclose(q[:-1], torch.full((num_data - 1,), (1 - 1 / batch_size) / (num_data - 1), dtype=q.dtype))
+def spec_q(num_data: int, batch_size: int) -> np.ndarray:
+    """method §3, written out: q_N = 1/B for the newest, (1 − 1/B)/(N − 1) for each older one."""
+    q = np.full(num_data, (1 - 1 / batch_size) / (num_data - 1))
+    q[-1] = 1 / batch_size
+    return q
 
 
-@pytest.mark.parametrize("num_data,batch_size,priority", [(7, 5, True), (30, 5, True), (30, 5, False)])
-def test_estimator_is_unbiased(num_data, batch_size, priority):
-    """E[Σ_b w_b ℓ_{u_b}] equals (1/N) Σ_i ℓ_i, exactly and over many draws."""
-    ll = torch.as_tensor(np.random.default_rng(1).normal(-50.0, 20.0, num_data))
-    full_mean = float(ll.mean())
-    # exact expectation of one term times B
-    q = sampling_probabilities(num_data, batch_size, priority)
-    exact = float((q * ll / (batch_size * num_data * q)).sum() * batch_size)
-    assert exact == pytest.approx(full_mean, rel=1e-12)
-    # Monte Carlo over many draws
+def research_weights(indices: torch.Tensor, num_data: int, batch_size: int) -> torch.Tensor:
+    """The weights of the original research code as the method spec characterises them
+    (over-weighting the likelihood by up to 1.7× at small N): the newest structure's weight
+    lacks the 1/B of the batch mean, w = 1/(N·q_N), the others are right. Its total weight
+    (N + B − 1)/N is 1.67 at N = B + 1 and tends to 1 for large N."""
+    q = torch.as_tensor(spec_q(num_data, batch_size))[indices]
+    w = 1.0 / (batch_size * num_data * q)
+    return torch.where(indices == num_data - 1, 1.0 / (num_data * q), w)
+
+
+def code_weights(num_data: int, batch_size: int, draws: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """(the weight the code gives each index, how often each index was drawn)."""
     gen = torch.Generator().manual_seed(0)
-    draws = 40_000
-    estimates = torch.empty(draws, dtype=torch.float64)
-    for d in range(draws):
-        idx, w = draw_minibatch(num_data, batch_size, gen, priority)
-        estimates[d] = (w * ll[idx]).sum()
-    standard_error = float(estimates.std()) / np.sqrt(draws)
-    assert abs(float(estimates.mean()) - full_mean) < 4 * standard_error
+    weight = np.full(num_data, np.nan)
+    counts = np.zeros(num_data)
+    for _ in range(draws):
+        idx, w = draw_minibatch(num_data, batch_size, gen)
+        for i, wi in zip(idx.tolist(), w.tolist()):
+            assert np.isnan(weight[i]) or weight[i] == wi  # one weight per index
+            weight[i] = wi
+            counts[i] += 1
+    return weight, counts
+
+
+def exact_expectation(weight: np.ndarray, ll: np.ndarray, batch_size: int) -> float:
+    """E[Σ_b w_b ℓ_{u_b}] = B·Σ_i q_i·w_i·ℓ_i under the spec's q."""
+    return float(batch_size * np.sum(spec_q(len(ll), batch_size) * weight * ll))
+
+
+@pytest.mark.parametrize("num_data,batch_size", [(6, 5), (7, 5), (30, 5), (200, 10)])
+def test_estimator_is_unbiased_under_the_spec_q(num_data, batch_size):
+    ll = np.random.default_rng(1).normal(-50.0, 20.0, num_data)
+    weight, counts = code_weights(num_data, batch_size, draws=4000 if num_data < 100 else 20000)
+    assert not np.isnan(weight).any()
+    assert exact_expectation(weight, ll, batch_size) == pytest.approx(ll.mean(), rel=1e-12)
+    # the draws follow the spec's q: a chi-square test at the 0.1 % level
+    from scipy import stats
+
+    expected = spec_q(num_data, batch_size) * counts.sum()
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert stats.chi2.sf(chi2, num_data - 1) > 1e-3
+    # and the code's own probabilities are the spec's
+    np.testing.assert_allclose(sampling_probabilities(num_data, batch_size).numpy(), spec_q(num_data, batch_size))
+
+
+@pytest.mark.parametrize("num_data,batch_size,factor", [(6, 5, 10 / 6), (30, 5, 34 / 30)])
+def test_research_weights_fail_the_same_check(num_data, batch_size, factor):
+    """With every ℓ_i equal the estimate must equal ℓ; the research weights give factor·ℓ."""
+    ll = np.full(num_data, -50.0)
+    indices = torch.arange(num_data)
+    weight = research_weights(indices, num_data, batch_size).numpy()
+    biased = exact_expectation(weight, ll, batch_size)
+    assert biased == pytest.approx(factor * ll.mean(), rel=1e-12)
+    assert abs(biased - ll.mean()) > 0.1 * abs(ll.mean())
+
+
+def test_uniform_draws_for_offline_fine_tuning_are_unbiased():
+    """q_i = 1/N: every weight is 1/(B·N·q) = 1/B, so E[Σ_b w_b ℓ_{u_b}] = (1/N)·Σ_i ℓ_i."""
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        _, w = draw_minibatch(30, 5, gen, priority=False)
+        np.testing.assert_allclose(w.numpy(), np.full(5, 1 / 5))
 
 
 def test_newest_drawn_once_per_batch_on_average():

@@ -61,8 +61,8 @@ def test_gaussian_prior_log_prob():
 
 def test_log_likelihood_equals_gaussian_sum(model):
     structures = [emt_labelled(ethanol(1)), emt_labelled(copper(2), with_stress=True)]
-    data = TrainingSet(model.backbone)
-    data.extend(structures, energy_offset=0.0)
+    data = TrainingSet(model.backbone, energy_offset=0.0, one_composition=False)
+    data.extend(structures)
     graphs, labels = data.batch([0, 1])
     pred = model(graphs)
     ll = model.log_likelihood(pred, labels, graphs).detach().numpy()

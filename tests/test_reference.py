@@ -55,16 +55,28 @@ def test_tblite_molecule_and_periodic_cell_with_stress():
 
 def test_retries_count_and_message():
     FailingCalculator.calls = 0
-    ref = make_reference("conftest:FailingCalculator", {"mode": "noconv", "succeed_first": 1}, retries=1)
+    ref = make_reference("conftest:FailingCalculator", {"mode": "raise", "succeed_first": 1}, retries=1)
     atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.5]])
     assert np.isfinite(ref.compute(atoms).energy)
-    with pytest.raises(ReferenceFailure, match="Cu2 after 2 attempts.*did not converge"):
+    with pytest.raises(ReferenceFailure, match="Cu2 after 2 attempts.*segmentation fault"):
         ref.compute(atoms)
     assert FailingCalculator.calls == 3
     FailingCalculator.calls = 0
-    flaky = make_reference("conftest:FailingCalculator", {"mode": "raise", "succeed_first": 0}, retries=0)
-    with pytest.raises(ReferenceFailure, match="segmentation fault"):
+    flaky = make_reference("conftest:FailingCalculator", {"mode": "nan", "succeed_first": 0}, retries=0)
+    with pytest.raises(ReferenceFailure, match="non-finite"):
         flaky.compute(atoms)
+
+
+def test_an_scf_that_does_not_converge_is_a_failure():
+    """A real PySCF SCF cut at one cycle: flytune's own ``mf.converged`` check refuses it
+    (PySCF itself returns an energy and only logs a warning), on every attempt."""
+    water = molecule("H2O")
+    ref = make_reference("pyscf", {"method": "hf", "basis": "sto-3g", "density_fit": False, "max_cycle": 1},
+                         retries=1)
+    with pytest.raises(ReferenceFailure, match="H2O after 2 attempts.*did not converge in 1 cycles"):
+        ref.compute(water)
+    converged = make_reference("pyscf", {"method": "hf", "basis": "sto-3g", "density_fit": False})
+    assert np.isfinite(converged.compute(water).energy)
 
 
 def test_unknown_and_missing_references():

@@ -11,7 +11,8 @@ Student-t with ν = 2a' degrees of freedom and scale s = σ·sqrt(b'/a'), so
     P(|e| < ε) = 2·T_ν(ε/s) − 1
                = 2ε·Γ(a'+½) / (Γ(a')·sqrt(2π b' σ²)) · ₂F₁(½, a'+½; 3/2; −ε²/(2 b' σ²)).
 
-The reference is called when P(|e| > ε) exceeds 1 − confidence (default 5 %).
+The decision to call the reference (P(|e| > ε) > 1 − confidence, default 5 %) is made
+by :class:`flytune.otf.decision.Decision`.
 """
 
 from __future__ import annotations
@@ -106,10 +107,6 @@ class Calibrator:
     def prob_exceed(self, threshold: float, sigma):
         """P(|e| > ε) = 1 − P(|e| < ε)."""
         return 1.0 - self.prob_within(threshold, sigma)
-
-    def should_call(self, threshold: float, sigma: float, confidence: float = 0.95) -> bool:
-        """True when P(|e| > ε) > 1 − confidence: the reference must label this structure."""
-        return bool(self.prob_exceed(threshold, sigma) > 1.0 - confidence)
 
     def calibrated_sigma(self, sigma):
         """Scale of the predictive error, σ·sqrt(b'/a')."""

@@ -1,4 +1,11 @@
-"""The labelled structures D seen so far, with graphs built once per structure."""
+r"""The labelled structures D seen so far, with graphs built once per structure, and the
+energy offset that puts the reference's energy zero on the backbone's (method §7):
+
+    Δ = Ê_pretrained(x₀) − E_ref(x₀),        label energy of x_i = E_ref(x_i) + Δ,
+
+with x₀ the first structure. One Δ holds for one composition only, so structures of
+another composition are refused.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +17,26 @@ from ase import Atoms
 
 from flytune.backbones import Backbone, Graph, GraphBatch
 from flytune.bayes.model import LabelBatch
-from flytune.data import labelled, labels_of
+from flytune.data import labelled, labels_of, same_composition
+from flytune.errors import FlytuneError
 
 
 class TrainingSet:
     """Structures with offset-corrected labels; index ``len(self) − 1`` is the newest.
 
-    Graphs (neighbour lists) are built when a structure is added and reused by every
-    minibatch. :meth:`state_dict` holds plain tensors, so the set can be saved with
-    ``torch.save`` and rebuilt with :meth:`from_state_dict` (e.g. in a worker process).
+    ``energy_offset`` Δ (eV): given, or ``None`` to take it from the first structure
+    added (:meth:`set_energy_offset`). ``one_composition``: refuse structures whose
+    composition differs from the first one's (turn it off only with an offset that holds
+    for every composition, e.g. 0 for a reference on the backbone's own zero). Graphs (neighbour lists) are built when a
+    structure is added and reused by every minibatch. :meth:`state_dict` holds plain
+    tensors, so the set can be saved with ``torch.save`` and rebuilt with
+    :meth:`from_state_dict` (e.g. in a worker process).
     """
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, energy_offset: float | None = None, one_composition: bool = True):
         self.backbone = backbone
+        self.energy_offset = energy_offset
+        self.one_composition = one_composition
         self.structures: list[Atoms] = []
         self._graphs: list[Graph] = []
         self._energy: list[float] = []
@@ -32,20 +46,49 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.structures)
 
-    def add(self, atoms: Atoms, energy_offset: float = 0.0) -> None:
-        """Add a labelled structure; ``energy_offset`` Δ is added to its reference energy."""
+    # -- the energy offset -----------------------------------------------------------
+    def pretrained_energy(self, atoms: Atoms) -> float:
+        """Ê_pretrained(x): energy of the backbone with its pretrained weights (eV)."""
+        return float(self.backbone(self.backbone.batch([atoms])).energy.detach()[0])
+
+    def set_energy_offset(self, atoms: Atoms) -> float:
+        """Δ = Ê_pretrained(x₀) − E_ref(x₀) from the labelled structure ``atoms``."""
+        reference = labels_of(atoms, where="first labelled structure").energy
+        self.energy_offset = self.pretrained_energy(atoms) - reference
+        return self.energy_offset
+
+    def check_composition(self, atoms: Atoms, fix: str = "fine-tune on structures with one composition") -> None:
+        """Refuse a structure whose composition differs from the data's (Δ would not hold)."""
+        if self.one_composition and self.structures and not same_composition([self.structures[0], atoms]):
+            raise FlytuneError(
+                f"the composition changed from {self.structures[0].get_chemical_formula()} to "
+                f"{atoms.get_chemical_formula()}: the energy offset holds for one composition only; {fix}"
+            )
+
+    # -- adding ------------------------------------------------------------------------
+    def add(self, atoms: Atoms) -> None:
+        """Add a labelled structure (raw reference energy); Δ is added to its energy.
+        The first structure sets Δ if it is not set yet."""
         labels = labels_of(atoms, where=f"structure {len(self)} ({atoms.get_chemical_formula()})")
+        self.check_composition(atoms)
+        if self.energy_offset is None:
+            self.set_energy_offset(atoms)
+        self._append(atoms, labels.energy + self.energy_offset)
+
+    def _append(self, atoms: Atoms, energy: float) -> None:
+        labels = labels_of(atoms)
         graph = self.backbone.graph(atoms)
         self.structures.append(labelled(atoms, labels.energy, labels.forces, labels.stress))
         self._graphs.append(graph)
-        self._energy.append(labels.energy + energy_offset)
+        self._energy.append(energy)
         self._forces.append(torch.as_tensor(labels.forces, dtype=torch.float64))
         self._stress.append(None if labels.stress is None else torch.as_tensor(labels.stress))
 
-    def extend(self, structures: Sequence[Atoms], energy_offset: float = 0.0) -> None:
+    def extend(self, structures: Sequence[Atoms]) -> None:
         for atoms in structures:
-            self.add(atoms, energy_offset)
+            self.add(atoms)
 
+    # -- minibatches -------------------------------------------------------------------
     def batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[GraphBatch, LabelBatch]:
         """Collated graphs and labels of ``indices`` (repeats allowed)."""
         idx = [int(i) for i in indices]
@@ -65,8 +108,10 @@ class TrainingSet:
         """Offset-corrected reference energies (eV)."""
         return np.asarray(self._energy)
 
+    # -- state -------------------------------------------------------------------------
     def state_dict(self, start: int = 0) -> dict:
-        """Plain tensors of structures ``start..`` (all by default)."""
+        """Plain tensors of structures ``start..`` (all by default); Δ is not part of it
+        (an ensemble file keeps it beside, as ``energy_offset``)."""
         structures = self.structures[start:]
         return {
             "numbers": [torch.as_tensor(a.numbers) for a in structures],
@@ -95,11 +140,10 @@ class TrainingSet:
                 state["forces"][i].numpy(),
                 None if torch.isnan(stress).any() else stress.numpy(),
             )
-            self.add(atoms)
-            self._energy[-1] = float(state["energy"][i])
+            self._append(atoms, float(state["energy"][i]))
 
     @classmethod
-    def from_state_dict(cls, backbone: Backbone, state: dict) -> TrainingSet:
-        out = cls(backbone)
+    def from_state_dict(cls, backbone: Backbone, state: dict, energy_offset: float | None = None) -> TrainingSet:
+        out = cls(backbone, energy_offset)
         out.extend_from_state_dict(state)
         return out

@@ -13,7 +13,6 @@ import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,24 +20,17 @@ from ase import Atoms
 from torch.func import functional_call
 
 from flytune.bayes.calibration import Calibrator
-from flytune.bayes.chains import (
-    Chain,
-    ChainJob,
-    ProcessRunner,
-    Progress,
-    SamplerSettings,
-    SequentialRunner,
-    StopFlag,
-)
+from flytune.bayes.chain import Chain, ChainJob, Progress, SamplerSettings, StopFlag
 from flytune.bayes.dataset import TrainingSet
 from flytune.bayes.early_stop import EarlyStop
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior, random_start, transfer_prior, uninformative_prior
+from flytune.bayes.runners import Runner, make_runner
 from flytune.bayes.schedules import Schedule, cycle_schedule
 from flytune.bayes.tree import resolve_device, tree_to
 from flytune.config import ModelConfig, UncertaintyConfig
-from flytune.data import labels_of, same_composition
 from flytune.errors import FlytuneError
+from flytune.files import replacing
 
 FORMAT = "flytune.ensemble/1"
 Params = dict[str, torch.Tensor]
@@ -78,20 +70,11 @@ def _member_outputs(
     return out
 
 
-def reproducible() -> None:
-    """Make torch's CPU kernels deterministic (scatter/index_add sums in a fixed order).
-
-    With several threads SevenNet's forces otherwise differ from call to call in the last
-    bits (about 1e-6 eV/Å), so an MD run could not be repeated or resumed exactly. The
-    cost measured here is nil. Called by every :class:`Ensemble` and worker process.
-    """
-    torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 class Ensemble:
-    """M SGHMC chains sharing a prior, a data set, an energy offset and a calibrator.
+    """M SGHMC chains sharing a prior and a data set (which holds the energy offset).
 
-    Creating one switches torch to deterministic algorithms (:func:`reproducible`).
+    Its model is built with torch's deterministic algorithms switched on
+    (:func:`flytune.bayes.tree.reproducible`).
     """
 
     def __init__(
@@ -103,12 +86,10 @@ class Ensemble:
         chains: list[Chain],
         *,
         model: ProbabilisticModel | None = None,
-        calibrator: Calibrator | None = None,
         energy_offset: float | None = None,
         seed: int = 0,
         data_state: dict | None = None,
     ):
-        reproducible()
         self.spec = spec
         self.config = config
         self.uncertainty = uncertainty
@@ -117,16 +98,12 @@ class Ensemble:
         self.model = model if model is not None else spec.build()
         self.model.eval()
         self.data = (
-            TrainingSet.from_state_dict(self.model.backbone, data_state)
+            TrainingSet.from_state_dict(self.model.backbone, data_state, energy_offset)
             if data_state is not None
-            else TrainingSet(self.model.backbone)
+            else TrainingSet(self.model.backbone, energy_offset)
         )
-        self.calibrator = calibrator or Calibrator(
-            uncertainty.calibration_shape, uncertainty.calibration_rate
-        )
-        self.energy_offset = energy_offset
         self.seed = seed
-        self._runner: SequentialRunner | ProcessRunner | None = None
+        self._runner: Runner | None = None
         self._stacked: tuple[tuple[Chain, ...], Params] | None = None
 
     # -- construction ---------------------------------------------------------------
@@ -232,31 +209,24 @@ class Ensemble:
             energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.cpu().numpy()
         )
 
-    # -- data and offset ------------------------------------------------------------
-    def pretrained_energy(self, atoms: Atoms) -> float:
-        """Ê_pretrained(x): energy of the backbone with its pretrained weights (eV)."""
-        return float(self.model.backbone(self.model.backbone.batch([atoms])).energy.detach()[0])
-
-    def set_energy_offset(self, atoms: Atoms) -> float:
-        """Δ = Ê_pretrained(x0) − E_ref(x0), added to every reference energy (method §7)."""
-        reference = labels_of(atoms, where="first labelled structure").energy
-        self.energy_offset = self.pretrained_energy(atoms) - reference
-        return self.energy_offset
-
+    # -- data -------------------------------------------------------------------------
     def add_data(self, structures: Sequence[Atoms]) -> None:
-        """Add labelled structures (raw reference energies); the first one sets the offset."""
-        structures = list(structures)
-        if not structures:
-            return
-        if self.energy_offset is None:
-            self.set_energy_offset(structures[0])
-        known = self.data.structures[:1] + structures
-        if not same_composition(known):
-            raise FlytuneError(
-                "the composition changed: a single energy offset is valid only for a fixed "
-                "composition; fine-tune on structures with one composition"
-            )
-        self.data.extend(structures, self.energy_offset)
+        """Add labelled structures (raw reference energies); the first one sets the
+        energy offset (:class:`TrainingSet`)."""
+        self.data.extend(structures)
+
+    def set_uncertainty(self, uncertainty: UncertaintyConfig) -> None:
+        """Take a new ε (and confidence, calibration prior): σ_E = fraction·ε follows it in
+        prediction and in later updates (worker processes are restarted for that)."""
+        from flytune.backbones import backbone_family
+
+        uncertainty = uncertainty.resolved(backbone_family(self.config.backbone))
+        energy_sigma = self.config.energy_sigma_fraction * uncertainty.threshold_eV
+        self.uncertainty = uncertainty
+        if energy_sigma != self.spec.energy_sigma:
+            self.spec = dataclasses.replace(self.spec, energy_sigma=energy_sigma)
+            self.model.energy_sigma = energy_sigma
+            self.close()
 
     # -- sampling -------------------------------------------------------------------
     @property
@@ -275,7 +245,7 @@ class Ensemble:
         stop: StopFlag | None = None,
     ) -> None:
         """Add labelled structures and run one update cycle on every chain (warm start)."""
-        self.add_data(new_structures)
+        self.data.extend(new_structures)
         schedule = self.update_schedule()
         c = self.config
         early_stop = EarlyStop(c.early_stop_window, c.early_stop_tolerance_nats) if c.early_stop else None
@@ -289,12 +259,10 @@ class Ensemble:
         self.chains = [by_index.get(c.index, c) for c in self.chains]
 
     @property
-    def runner(self) -> SequentialRunner | ProcessRunner:
+    def runner(self) -> Runner:
+        """Where the chains run (:func:`flytune.bayes.runners.make_runner`), started on first use."""
         if self._runner is None:
-            if self.config.workers > 1:
-                self._runner = ProcessRunner(self.spec, self.config.workers, self.config.threads_per_worker)
-            else:
-                self._runner = SequentialRunner(self.model, self.config.threads_per_worker)
+            self._runner = make_runner(self.spec, self.model, self.config.workers, self.config.threads_per_worker)
         return self._runner
 
     def close(self) -> None:
@@ -310,7 +278,12 @@ class Ensemble:
         self.close()
 
     # -- persistence ----------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, calibrator: Calibrator | None = None) -> dict:
+        """Everything needed to predict and to continue bit for bit. The file format
+        (:data:`FORMAT`) also holds the calibration of an on-the-fly run: ``calibrator``,
+        or the prior of the uncertainty settings when none is given."""
+        if calibrator is None:
+            calibrator = Calibrator(self.uncertainty.calibration_shape, self.uncertainty.calibration_rate)
         return {
             "format": FORMAT,
             "spec": self.spec.state_dict(),
@@ -319,36 +292,38 @@ class Ensemble:
             "prior": self.prior.state_dict(),
             "chains": [c.state_dict() for c in self.chains],
             "data": self.data.state_dict(),
-            "energy_offset": self.energy_offset,
-            "calibrator": self.calibrator.state_dict(),
+            "energy_offset": self.data.energy_offset,
+            "calibrator": calibrator.state_dict(),
             "seed": self.seed,
         }
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write everything needed to predict and to continue bit for bit (atomic replace)."""
-        self.save_state(self.state_dict(), path)
+    def save(self, path: str | os.PathLike, calibrator: Calibrator | None = None) -> None:
+        """Write :meth:`state_dict` to ``path`` (atomic replace)."""
+        self.save_state(self.state_dict(calibrator), path)
 
     @staticmethod
     def save_state(state: dict, path: str | os.PathLike) -> None:
         """Write a :meth:`state_dict` (e.g. one kept in a checkpoint) as :meth:`save` does."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(tree_to(state, "cpu"), tmp)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            torch.save(tree_to(state, "cpu"), tmp)
 
-    @classmethod
-    def load(cls, path: str | os.PathLike, workers: int | None = None, device: str | None = None) -> Ensemble:
-        """Load a saved ensemble (``torch.load(weights_only=True)``: no code is unpickled).
-
-        ``workers`` and ``device`` override the saved settings (e.g. to continue on a GPU).
-        """
+    @staticmethod
+    def read_state(path: str | os.PathLike) -> dict:
+        """The :meth:`state_dict` saved at ``path`` (``torch.load(weights_only=True)``: no
+        code is unpickled)."""
         try:
             state = torch.load(path, weights_only=True, map_location="cpu")
         except FileNotFoundError:
             raise FlytuneError(f"model file {os.fspath(path)!r} not found; give a directory written by `flytune finetune`") from None
         if not isinstance(state, dict) or state.get("format") != FORMAT:
             raise FlytuneError(f"{os.fspath(path)!r} is not a flytune ensemble ({FORMAT})")
-        return cls.from_state_dict(state, workers, device)
+        return state
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, workers: int | None = None, device: str | None = None) -> Ensemble:
+        """Load a saved ensemble; ``workers`` and ``device`` override the saved settings
+        (e.g. to continue on a GPU). The calibration in the file: :func:`saved_calibrator`."""
+        return cls.from_state_dict(cls.read_state(path), workers, device)
 
     @classmethod
     def from_state_dict(cls, state: dict, workers: int | None = None, device: str | None = None) -> Ensemble:
@@ -366,11 +341,16 @@ class Ensemble:
             UncertaintyConfig.model_validate(state["uncertainty"]),
             GaussianPrior.from_state_dict(tree_to(state["prior"], spec.device)),
             [Chain.from_state_dict(c).to(spec.device) for c in state["chains"]],
-            calibrator=Calibrator.from_state_dict(state["calibrator"]),
             energy_offset=state["energy_offset"],
             seed=int(state["seed"]),
             data_state=state["data"],
         )
+
+
+def saved_calibrator(state: dict) -> Calibrator:
+    """The calibration kept in an ensemble's :meth:`Ensemble.state_dict` (a model file or
+    a run's checkpoint)."""
+    return Calibrator.from_state_dict(state["calibrator"])
 
 
 def _resolved(

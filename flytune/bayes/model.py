@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from flytune.backbones import Backbone, GraphBatch
+from flytune.bayes.tree import reproducible
 
 LOG_2PI = math.log(2.0 * math.pi)
 
@@ -144,9 +146,11 @@ class ModelSpec:
     device: str = "cpu"
 
     def build(self, device: str | None = None) -> ProbabilisticModel:
-        """The model on ``device`` (default: the spec's)."""
+        """The model on ``device`` (default: the spec's), with deterministic kernels
+        switched on first (:func:`flytune.bayes.tree.reproducible`)."""
         from flytune.backbones import load_backbone
 
+        reproducible()
         backbone = load_backbone(self.backbone, **dict(self.backbone_options))
         model = ProbabilisticModel(
             backbone,
@@ -158,14 +162,10 @@ class ModelSpec:
         return model.to(device or self.device)
 
     def state_dict(self) -> dict:
-        return {
-            "backbone": self.backbone,
-            "energy_sigma": self.energy_sigma,
-            "force_sigma0": self.force_sigma0,
-            "stress_sigma": self.stress_sigma,
+        """The fields, tuples as lists."""
+        return dataclasses.asdict(self) | {
             "head_widths": list(self.head_widths),
             "backbone_options": [list(kv) for kv in self.backbone_options],
-            "device": self.device,
         }
 
     @classmethod

@@ -21,7 +21,7 @@ as is done at the start of every update cycle.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, NamedTuple
 
 import torch
@@ -38,18 +38,15 @@ class SGHMCState:
     sq_grad_avg: Params  # v
     sq_grad_max: Params  # m̂
     step: int = 0  # t, steps since the last init
-    log_posterior: float = float("nan")  # −Ũ at the last step's θ (before the move)
+    #: −Ũ at the last step's θ (before the move); a 0-d tensor on the parameters' device
+    #: after an update (read it with ``float``, which waits for the device)
+    log_posterior: torch.Tensor | float = float("nan")
     aux: Any = field(default=None, repr=False)
 
     def state_dict(self) -> dict:
-        return {
-            "params": self.params,
-            "momenta": self.momenta,
-            "sq_grad_avg": self.sq_grad_avg,
-            "sq_grad_max": self.sq_grad_max,
-            "step": self.step,
-            "log_posterior": self.log_posterior,
-        }
+        """Every field but ``aux``, with −Ũ as a float."""
+        state = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "aux"}
+        return state | {"log_posterior": float(self.log_posterior)}
 
     @classmethod
     def from_state_dict(cls, state: dict) -> SGHMCState:
@@ -97,6 +94,8 @@ def build(
         num_data: int,
         generator: torch.Generator | None = None,
     ) -> SGHMCState:
+        """One step at step size ``lr`` η and noise temperature τ; ``generator`` draws ξ
+        (on its own device). Nothing here waits for the device."""
         names = list(state.params)
         leaves = {k: state.params[k].detach().requires_grad_(True) for k in names}
         result = log_posterior(leaves, batch)
@@ -114,9 +113,11 @@ def build(
             p = (1.0 - friction) * state.momenta[name] - friction * g
             if temperature > 0.0:
                 noise_std = temperature * torch.sqrt(2.0 / (lr * inv_mass * num_data))
-                # drawn on the generator's device (the CPU) so that runs are reproducible anywhere
-                noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype).to(theta.device)
-                p = p + friction * noise_std * noise
+                # drawn where the generator lives: on the chain's device from a device
+                # generator (no copy per tensor), or on the CPU and then moved
+                where = generator.device if generator is not None else theta.device
+                noise = torch.randn(theta.shape, generator=generator, dtype=theta.dtype, device=where)
+                p = p + friction * noise_std * noise.to(theta.device)
             new_params[name] = theta + lr * inv_mass * p
             new_momenta[name], new_v[name], new_m[name] = p, v, m_hat
         return SGHMCState(
@@ -125,7 +126,7 @@ def build(
             sq_grad_avg=new_v,
             sq_grad_max=new_m,
             step=t,
-            log_posterior=float(value.detach()),
+            log_posterior=value.detach(),
             aux=aux,
         )
 

@@ -1,10 +1,16 @@
-"""Moving nested containers of tensors (state dicts) between devices."""
+"""Devices: moving nested containers of tensors (state dicts) between them, and
+deterministic kernels on every one."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
+
+#: cuBLAS needs a fixed workspace to be deterministic (PyTorch's reproducibility notes);
+#: it must be set before the first CUDA call of the process
+CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 
 
 def tree_to(obj: Any, device: torch.device | str) -> Any:
@@ -23,3 +29,17 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def reproducible() -> None:
+    """Make torch's kernels deterministic (scatter/index_add sums in a fixed order).
+
+    With several threads SevenNet's forces otherwise differ from call to call in the last
+    bits (about 1e-6 eV/Å), so an MD run could not be repeated or resumed exactly; the
+    cost measured on the CPU is nil. On CUDA, cuBLAS is deterministic only with a fixed
+    workspace, so ``CUBLAS_WORKSPACE_CONFIG`` is set (unless the user set it) before any
+    model is built. Called wherever a model is built (:meth:`ModelSpec.build`), which
+    covers every ensemble and worker process.
+    """
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE_CONFIG)
+    torch.use_deterministic_algorithms(True, warn_only=True)

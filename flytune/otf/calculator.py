@@ -1,13 +1,15 @@
 r"""The on-the-fly ASE calculator (method §6–§8).
 
-At every force call it predicts with the ensemble, computes P(|e| > ε) from the
-calibrated Student-t error model, and either returns the ensemble mean or labels the
-structure with the reference: it records (e, σ) for calibration using the prediction
-made before the update, adds the structure to the data, updates every chain and returns
-the reference's energy (plus the energy offset Δ), forces and stress for that call.
+At every force call it predicts with the ensemble and asks the :class:`Decision`
+(calibrated P(|e| > ε) and the safety nets) whether to call the reference. Without a
+call it returns the ensemble mean; with one it labels the structure, records (e, σ) for
+the calibration using the prediction made before the update, adds the structure to the
+data, updates every chain and returns the reference's energy (plus the energy offset
+Δ), forces and, for periodic structures, stress.
 
-Extra results readable from ``calc.results``: ``energy_std`` (eV), ``prob_exceed``,
-``reference_called``.
+Properties: ``energy``, ``free_energy``, ``forces``, and ``stress`` for structures
+periodic in all three directions. Extra results readable from ``calc.results``:
+``energy_std`` (eV), ``prob_exceed``, ``reference_called``.
 """
 
 from __future__ import annotations
@@ -15,16 +17,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from ase import Atoms
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
 
+from flytune.bayes.calibration import Calibrator
+from flytune.bayes.chain import Progress
 from flytune.bayes.ensemble import Ensemble
-from flytune.data import labelled, same_composition
-from flytune.errors import FlytuneError
+from flytune.config import SafetyConfig
+from flytune.data import labelled
 from flytune.otf import faults
+from flytune.otf.decision import Decision
 from flytune.otf.reference import Reference, ReferenceFailure
 
 
@@ -36,16 +43,6 @@ class UpdateInterrupted(Exception):
     """A stop request (Ctrl-C) arrived during a posterior update. The label is already on
     disk and the last checkpoint is from before it, so a resumed run replays the label and
     redoes the update in full instead of keeping a cut one."""
-
-
-@dataclass
-class SafetyNets:
-    """Limits on the decision. ``None`` switches a limit off."""
-
-    max_reference_calls: int | None = None  # stop calling once reached
-    min_steps_between_calls: int = 0  # force calls to wait after a call
-    force_call_after: int | None = None  # call anyway after this many force calls without one
-    on_failure: str = "stop"  # "stop" the run, or "skip": continue with the model's prediction
 
 
 @dataclass
@@ -65,6 +62,7 @@ class Intervention:
     reference_s: float
     update_s: float
     first: bool = False
+    reason: str = "first"  # why the reference was called (see flytune.otf.decision.Verdict)
 
 
 @dataclass
@@ -92,8 +90,6 @@ class PendingLabel:
 class OnTheFlyCalculator(Calculator):
     """An ASE calculator that fine-tunes its ensemble with reference calls as it goes."""
 
-    implemented_properties = ["energy", "free_energy", "forces", "stress"]
-
     def __init__(
         self,
         ensemble: Ensemble,
@@ -101,75 +97,88 @@ class OnTheFlyCalculator(Calculator):
         *,
         threshold: float | None = None,
         confidence: float | None = None,
-        safety: SafetyNets | None = None,
+        safety: SafetyConfig | None = None,
+        calibrator: Calibrator | None = None,
+        on_failure: Literal["stop", "skip"] = "stop",
         on_step: Callable[[dict], None] | None = None,
         on_intervention: Callable[[Atoms, Intervention], None] | None = None,
         on_label: Callable[[Atoms, dict], None] | None = None,
+        on_update_progress: Progress | None = None,
         **kwargs,
     ):
-        """``threshold`` ε in eV and ``confidence`` default to the ensemble's uncertainty
-        settings. ``on_label`` is called with the labelled structure as soon as the
-        reference returns (before the update), ``on_intervention`` after the update and
-        ``on_step`` after every force call (the run directory writes its files there)."""
+        """``threshold`` ε in eV, ``confidence`` and the ``calibrator`` (the Gamma prior
+        (a, b)) default to the ensemble's uncertainty settings; ``safety`` holds the limits
+        of the decision (:class:`flytune.otf.decision.Decision`). ``on_failure``: a failed
+        reference call stops the run (``"stop"``, raises :class:`ReferenceFailure`) or the
+        MD continues with the ensemble's prediction (``"skip"``). Callbacks: ``on_label``
+        with the labelled structure as soon as the reference returns (before the update),
+        ``on_intervention`` after the update, ``on_step`` after every force call (the run
+        directory writes its files there), ``on_update_progress`` during updates as
+        ``(chain, step, mean log-likelihood)``."""
         super().__init__(**kwargs)
+        u = ensemble.uncertainty
         self.ensemble = ensemble
         self.reference = reference
-        self.threshold = ensemble.uncertainty.threshold_eV if threshold is None else threshold
-        self.confidence = ensemble.uncertainty.confidence if confidence is None else confidence
-        self.safety = safety or SafetyNets()
+        self.decision = Decision(
+            calibrator or Calibrator(u.calibration_shape, u.calibration_rate),
+            u.threshold_eV if threshold is None else threshold,
+            u.confidence if confidence is None else confidence,
+            safety,
+        )
+        self.on_failure = on_failure
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
         self.on_step, self.on_intervention, self.on_label = on_step, on_intervention, on_label
+        self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
 
-    # -- decision -------------------------------------------------------------------
-    def _must_call(self, prob_exceed: float) -> bool:
-        s, st = self.safety, self.state
-        if len(self.ensemble.data) == 0:
-            return True  # the first structure is always labelled
-        if s.max_reference_calls is not None and st.reference_calls >= s.max_reference_calls:
-            return False
-        since = st.force_calls - st.last_call if st.last_call is not None else st.force_calls
-        if since <= s.min_steps_between_calls:
-            return False
-        if s.force_call_after is not None and since >= s.force_call_after:
-            return True
-        return prob_exceed > 1.0 - self.confidence
-
     # -- ASE contract ----------------------------------------------------------------
+    @property
+    def implemented_properties(self) -> list[str]:
+        """Stress only for periodic structures (the run's, once the calculator has seen one)."""
+        known = self.atoms if self.atoms is not None else next(iter(self.ensemble.data.structures), None)
+        periodic = known is None or bool(known.pbc.all())
+        return ["energy", "free_energy", "forces"] + (["stress"] if periodic else [])
+
+    def get_property(self, name, atoms=None, allow_calculation=True):
+        structure = atoms if atoms is not None else self.atoms
+        if name == "stress" and structure is not None and not structure.pbc.all():
+            raise PropertyNotImplementedError(
+                f"stress is defined for structures periodic in all three directions; "
+                f"{structure.get_chemical_formula()} has pbc={structure.pbc.tolist()}"
+            )
+        return super().get_property(name, atoms, allow_calculation)
+
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
-        known = self.ensemble.data.structures
-        if known and not same_composition([known[0], atoms]):
-            raise FlytuneError(
-                f"the composition changed from {known[0].get_chemical_formula()} to "
-                f"{atoms.get_chemical_formula()}: the energy offset holds for one composition only; "
-                "start a new run for the new composition"
-            )
+        self.ensemble.data.check_composition(atoms, fix="start a new run for the new composition")
         self.state.force_calls += 1
         start = time.perf_counter()
         pred = self.ensemble.predict(atoms)
         self.state.time_predict_s += time.perf_counter() - start
         energy, sigma = float(pred.energy[0]), float(pred.energy_std[0])
-        first = len(self.ensemble.data) == 0
-        prob = 1.0 if first else float(self.ensemble.calibrator.prob_exceed(self.threshold, sigma))
+        st = self.state
+        verdict = self.decision.decide(
+            sigma, labels=len(self.ensemble.data), reference_calls=st.reference_calls,
+            since_call=st.force_calls - st.last_call if st.last_call is not None else st.force_calls,
+        )
         called = False
         results = {"energy": energy, "forces": pred.forces}
-        if pred.stress is not None:
+        if pred.stress is not None and atoms.pbc.all():
             results["stress"] = pred.stress[0]
-        if self._must_call(prob):
-            reference = self._label(atoms, energy, sigma, prob, first)
+        if verdict.call:
+            reference = self._label(atoms, energy, sigma, verdict.prob_exceed, verdict.reason)
             if reference is not None:
                 results, called = reference, True
         results["free_energy"] = results["energy"]
         if "stress" in results:
-            results["stress"] = _voigt(results["stress"])
-        results.update(energy_std=sigma, prob_exceed=prob, reference_called=called)
+            results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
+        results.update(energy_std=sigma, prob_exceed=verdict.prob_exceed, reference_called=called)
         self.results = results
         if self.on_step is not None:
             self.on_step({"force_call": self.state.force_calls, "energy_eV": results["energy"],
-                          "energy_std_eV": sigma, "prob_exceed": prob, "reference_called": called})
+                          "energy_std_eV": sigma, "prob_exceed": verdict.prob_exceed, "reference_called": called})
 
     def _reference_result(self, atoms: Atoms) -> tuple[Atoms, float, bool]:
         """(labelled structure, reference seconds, replayed): a pending label written before
@@ -186,37 +195,37 @@ class OnTheFlyCalculator(Calculator):
         label.info.update(force_call=self.state.force_calls)
         return label, result.wall_s, False
 
-    @staticmethod
-    def _update_progress(chain: int, step: int, mean_ll: float) -> None:
+    def _update_progress(self, chain: int, step: int, mean_ll: float) -> None:
         if step == 3:
             faults.point("mid-update")
+        if self.on_update_progress is not None:
+            self.on_update_progress(chain, step, mean_ll)
 
     def _adopt(self, pending: PendingLabel) -> None:
         """Add a label whose structure the resumed run did not revisit (no loss, no call)."""
         self.ensemble.update([pending.atoms])
 
-    def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, first: bool) -> dict | None:
+    def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str) -> dict | None:
+        first = reason == "first"
         try:
             label, reference_s, replayed = self._reference_result(atoms)
         except ReferenceFailure:
-            if self.safety.on_failure == "skip" and not first:
+            if self.on_failure == "skip" and not first:
                 self.state.skipped_failures += 1
                 return None
             raise
         self.state.time_reference_s += reference_s
-        calibrator = self.ensemble.calibrator
-        if first:
-            self.ensemble.set_energy_offset(label)
-        offset = self.ensemble.energy_offset
+        data = self.ensemble.data
+        offset = data.set_energy_offset(label) if first else data.energy_offset
         raw = label.get_potential_energy()
         error = raw + offset - energy
-        calibrated = float(calibrator.calibrated_sigma(sigma))
+        calibrated = self.decision.calibrated_sigma(sigma)
         label.info.update(energy_raw=raw, energy_offset=offset, energy_pred=energy,
                           energy_std=sigma, prob_exceed=prob)
         if self.on_label is not None and not replayed:
             self.on_label(label, {"first": first})
         if not first:
-            calibrator.observe(error, sigma)  # σ predicted before the update
+            self.decision.observe(error, sigma)  # σ predicted before the update
         faults.point("label-written")
         start = time.perf_counter()
         self.ensemble.update([label], progress=self._update_progress, stop=self.stop)
@@ -234,8 +243,8 @@ class OnTheFlyCalculator(Calculator):
         intervention = Intervention(
             force_call=self.state.force_calls, energy_pred=energy, energy_std=sigma, prob_exceed=prob,
             energy_ref_raw=raw, energy_ref=raw + offset, error=error, calibrated_std=calibrated,
-            shape=calibrator.posterior_shape, rate=calibrator.posterior_rate,
-            reference_s=reference_s, update_s=update_s, first=first,
+            shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
+            reference_s=reference_s, update_s=update_s, first=first, reason=reason,
         )
         if self.on_intervention is not None:
             self.on_intervention(label, intervention)
@@ -262,11 +271,4 @@ class OnTheFlyCalculator(Calculator):
             self.atoms.positions = np.asarray(cache["positions"])
             self.atoms.cell = np.asarray(cache["cell"])
             self.results = {k: np.asarray(v) if isinstance(v, list) else v for k, v in cache["results"].items()}
-
-
-def _voigt(stress) -> np.ndarray:
-    stress = np.asarray(stress)
-    if stress.shape == (3, 3):
-        return np.array([stress[0, 0], stress[1, 1], stress[2, 2], stress[1, 2], stress[0, 2], stress[0, 1]])
-    return stress
 

@@ -20,13 +20,13 @@ from ase import Atoms, units
 from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary, ZeroRotation
 
-from flytune.bayes.ensemble import Ensemble
-from flytune.backbones import backbone_family
+from flytune.bayes.calibration import Calibrator
+from flytune.bayes.chain import Progress
+from flytune.bayes.ensemble import Ensemble, saved_calibrator
 from flytune.config import MDConfig, RunConfig
 from flytune.data import read_structures
 from flytune.errors import FlytuneError
-from flytune.otf.calculator import (Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, SafetyNets,
-                                    UpdateInterrupted)
+from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, UpdateInterrupted
 from flytune.otf.reference import ReferenceFailure, make_reference
 from flytune.otf.rundir import RunDirectory, intervention_figures
 from flytune.units import KCAL_MOL
@@ -121,11 +121,13 @@ def read_start_structure(path: str) -> Atoms:
 
 
 def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDConfig, wall_s: float,
-              threshold: float, stopped: str | None) -> dict:
-    """Figures of the run from its files (so a resumed run reports the whole run)."""
+              stopped: str | None) -> dict:
+    """Figures of the run from its files (so a resumed run reports the whole run), scored
+    against the threshold ε in force now."""
+    threshold = calc.decision.threshold_eV
     exceed, rmse = intervention_figures(rd.read_interventions(), threshold)
     st = calc.state
-    cal = calc.ensemble.calibrator
+    cal = calc.decision.calibrator
     return {
         "steps": md_steps,
         "simulated_ps": md_steps * md.timestep_fs / 1000,
@@ -186,8 +188,12 @@ class OnTheFlyRun:
         self.wall_before = 0.0
         if self.rd.resumable:
             ck = self.rd.read_checkpoint()
-            self.ensemble = Ensemble.from_state_dict(ck["ensemble"], workers=c.model.workers)
-            self._apply_changed_settings()
+            saved_device = ck["ensemble"]["config"]["device"]
+            if saved_device != c.model.device:
+                self.log(f"model.device changed from {saved_device} to {c.model.device}: takes effect now")
+            self.ensemble = Ensemble.from_state_dict(ck["ensemble"], workers=c.model.workers, device=c.model.device)
+            calibrator = saved_calibrator(ck["ensemble"])
+            self._apply_changed_settings(calibrator)
             atoms = self.structure.copy()
             md = ck["md"]
             self.dyn = make_dynamics(c.md, atoms, c.seed)  # before the state: some drivers touch it
@@ -195,7 +201,7 @@ class OnTheFlyRun:
             atoms.set_momenta(np.asarray(md["momenta"]), apply_constraint=False)
             restore_dynamics(self.dyn, md["dynamics"])
             self.atoms = atoms
-            self.calc = self._calculator()
+            self.calc = self._calculator(calibrator)
             self.calc.load_state_dict(ck["calculator"], atoms)
             self.frames = ck["counts"]["frames"]
             self.wall_before = ck["wall_s"]
@@ -213,13 +219,14 @@ class OnTheFlyRun:
                 if not atoms.pbc.any():
                     ZeroRotation(atoms)
             self.atoms = atoms
-            self.calc = self._calculator()
+            self.calc = self._calculator(None)
             self.dyn = make_dynamics(c.md, atoms, c.seed)
             # labels of a start stopped before its first checkpoint (during the first update)
             pending = self._replay_labels_after({"labels": 0, "steps": 0, "interventions": 0, "frames": 0})
             if pending:
                 self.log(f"restarting {c.run_dir} from its start, {pending} label(s) to replay")
-            self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
+        # the settings in force (a resume may change thresholds): what `flytune report` reads
+        self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
         self.atoms.calc = self.calc
 
     def _replay_labels_after(self, counts: dict) -> int:
@@ -229,22 +236,22 @@ class OnTheFlyRun:
         self.calc.pending = [PendingLabel(int(a.info["force_call"]), a) for a in pending]
         return len(pending)
 
-    def _apply_changed_settings(self) -> None:
-        """Thresholds, confidence and calibration prior of the config take effect on resume."""
-        c, ens = self.config, self.ensemble
-        new = c.uncertainty.resolved(backbone_family(ens.config.backbone))
+    def _apply_changed_settings(self, calibrator: Calibrator) -> None:
+        """Threshold (with σ_E = fraction·ε), confidence and calibration prior of the config
+        take effect on resume."""
+        ens = self.ensemble
         old = ens.uncertainty
+        ens.set_uncertainty(self.config.uncertainty)
+        new = ens.uncertainty
         for key in ("threshold", "threshold_unit", "confidence", "calibration_shape", "calibration_rate"):
             if getattr(old, key) != getattr(new, key):
                 self.log(f"{key} changed from {getattr(old, key)} to {getattr(new, key)}: takes effect now")
-        ens.uncertainty = old.model_copy(update={k: getattr(new, k) for k in ("threshold", "threshold_unit", "confidence")})
-        ens.calibrator.shape, ens.calibrator.rate = new.calibration_shape, new.calibration_rate
+        calibrator.shape, calibrator.rate = new.calibration_shape, new.calibration_rate
 
-    def _calculator(self) -> OnTheFlyCalculator:
+    def _calculator(self, calibrator: Calibrator | None) -> OnTheFlyCalculator:
         c = self.config
-        safety = SafetyNets(c.safety.max_reference_calls, c.safety.min_steps_between_calls,
-                            c.safety.force_call_after, c.reference.on_failure)
-        return OnTheFlyCalculator(self.ensemble, self.reference, safety=safety, on_step=self._on_step,
+        return OnTheFlyCalculator(self.ensemble, self.reference, safety=c.safety, calibrator=calibrator,
+                                  on_failure=c.reference.on_failure, on_step=self._on_step,
                                   on_intervention=self._on_intervention, on_label=self._on_label)
 
     # -- records ----------------------------------------------------------------------
@@ -270,7 +277,7 @@ class OnTheFlyRun:
         st = self.calc.state
         self.rd.write_checkpoint({
             "format": "flytune.run/1",
-            "ensemble": self.ensemble.state_dict(),
+            "ensemble": self.ensemble.state_dict(self.calc.decision.calibrator),
             "calculator": self.calc.state_dict(),
             "md": {"positions": self.atoms.positions.tolist(), "momenta": self.atoms.get_momenta().tolist(),
                    "cell": np.asarray(self.atoms.cell).tolist(), "dynamics": dynamics_state(self.dyn)},
@@ -280,11 +287,17 @@ class OnTheFlyRun:
         })
 
     # -- the loop ---------------------------------------------------------------------
-    def advance(self, stop=None, on_progress: Callable[[OnTheFlyRun], None] | None = None) -> dict:
-        """Run the MD to the end of the schedule (or a stop); returns the summary."""
+    def advance(self, stop=None, on_progress: Callable[[OnTheFlyRun], None] | None = None,
+                on_update_progress: Progress | None = None) -> dict:
+        """Run the MD to the end of the schedule (or a stop); returns the summary.
+
+        ``on_progress(run)`` after every MD step; ``on_update_progress(chain, step,
+        mean_ll)`` during posterior updates; a set ``stop`` ends the run at the next step
+        (during an update: at once, see :class:`UpdateInterrupted`)."""
         c = self.config
         self._start = time.perf_counter()
         self.calc.stop = stop
+        self.calc.on_update_progress = on_update_progress
         total = c.md.total_steps
         stopped = None
         failed = cut = False
@@ -327,14 +340,13 @@ class OnTheFlyRun:
         else:
             self.checkpoint()
         wall = self.wall_before + time.perf_counter() - self._start
-        summary = summarize(self.rd, self.calc, self.dyn.nsteps, c.md, wall, self.ensemble.uncertainty.threshold_eV,
-                            stopped)
+        summary = summarize(self.rd, self.calc, self.dyn.nsteps, c.md, wall, stopped)
         self.rd.write_json(self.rd.summary, summary)
         if failed:  # the last checkpoint (before the failed step) stays as it is
             raise FlytuneError(f"{stopped}; the checkpoint is intact: fix the cause and run the same command to resume")
         model = self.rd.path / "model.pt"
         if not cut:
-            self.ensemble.save(model)
+            self.ensemble.save(model, self.calc.decision.calibrator)
         elif self.rd.resumable:  # model.pt: the ensemble of the last checkpoint, never a cut update
             Ensemble.save_state(self.rd.read_checkpoint()["ensemble"], model)
         else:
@@ -359,12 +371,12 @@ class OnTheFlyRun:
         return None
 
 
-def run(config: RunConfig, log: Log = print, stop=None, on_progress=None) -> dict:
-    """Start or resume ``config``'s run and advance it to the end."""
+def run(config: RunConfig, log: Log = print, stop=None, on_progress=None, on_update_progress=None) -> dict:
+    """Start or resume ``config``'s run and advance it to the end (see :meth:`OnTheFlyRun.advance`)."""
     otf = OnTheFlyRun(config, log)
     otf.open()
     try:
-        return otf.advance(stop, on_progress)
+        return otf.advance(stop, on_progress, on_update_progress)
     finally:
         otf.close()
 

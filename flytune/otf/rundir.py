@@ -6,7 +6,10 @@
 - ``steps.csv``: one row per force call; ``interventions.jsonl``: one per reference call;
 - ``trajectory.traj``: the MD trajectory (ASE); ``summary.json``; ``run_config.json``;
 - ``checkpoint/checkpoint.pt``: ensemble, calibrator, offset, calculator counters, MD
-  state and the lengths of every log, written atomically (write, fsync, rename).
+  state and the lengths of every log.
+
+Every rewrite is atomic (:func:`flytune.files.replacing`: write, fsync, rename, fsync
+of the directory); appends are flushed to disk as they are made.
 
 A resumed run truncates the logs to the checkpoint's lengths and replays the labels
 written after it, so no label is lost or duplicated. :func:`pack` and :func:`unpack` carry
@@ -16,6 +19,7 @@ a run directory to another machine (or keep it between batch jobs) as one tar.xz
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import json
@@ -30,6 +34,7 @@ from ase.io import Trajectory, read, write
 
 from flytune.data import labelled
 from flytune.errors import FlytuneError
+from flytune.files import replacing, write_text_atomic
 from flytune.otf import faults
 
 STEP_COLUMNS = ["step", "force_call", "time_fs", "energy_eV", "energy_std_eV", "prob_exceed",
@@ -87,12 +92,18 @@ class RunDirectory:
         handle = open(self.path / ".lock", "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as exc:
             handle.seek(0)
             owner = handle.read().strip() or "another process"
             handle.close()
+            if exc.errno in (errno.EAGAIN, errno.EACCES):  # BlockingIOError: held by another process
+                raise FlytuneError(
+                    f"run directory {str(self.path)!r} is in use by {owner}; wait for it to finish or stop it"
+                ) from None
             raise FlytuneError(
-                f"run directory {str(self.path)!r} is in use by {owner}; wait for it to finish or stop it"
+                f"cannot lock run directory {str(self.path)!r}: its filesystem does not support file locks "
+                f"({os.strerror(exc.errno) if exc.errno else exc}), as on Lustre or NFS mounted without them; "
+                "put run_dir on a filesystem with locks (a local disk, or Lustre mounted with -o flock)"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -141,26 +152,14 @@ class RunDirectory:
             traj.write(atoms)
 
     def write_json(self, path: Path, data: dict) -> None:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=2))
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(data, indent=2))
 
     # -- checkpoint -----------------------------------------------------------------
     def write_checkpoint(self, state: dict) -> None:
         """Atomic: a kill leaves either the old or the new checkpoint, never half of one."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoint.with_name("checkpoint.pt.tmp")
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        faults.point("checkpoint-written")  # before the rename
-        os.replace(tmp, self.checkpoint)
-        dir_fd = os.open(self.checkpoint_dir, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        with replacing(self.checkpoint, before_rename=lambda: faults.point("checkpoint-written")) as tmp:
+            torch.save(state, tmp)
 
     def read_checkpoint(self) -> dict:
         try:
@@ -190,9 +189,8 @@ class RunDirectory:
         labels = self.read_exact_labels()
         _rewrite_lines(self.exact_labels, [json.dumps(label_record(a)) for a in labels])
         if self.labels.exists() or labels:
-            tmp = self.labels.with_name("labels.extxyz.tmp")
-            write(tmp, labels, format="extxyz") if labels else tmp.write_text("")
-            os.replace(tmp, self.labels)
+            with replacing(self.labels) as tmp:
+                write(tmp, labels, format="extxyz") if labels else tmp.write_text("")
         if self.steps.exists():
             lines = self.steps.read_text().splitlines()
             _rewrite_lines(self.steps, lines[: counts["steps"] + 1])
@@ -200,19 +198,14 @@ class RunDirectory:
             _rewrite_lines(self.interventions, self.interventions.read_text().splitlines()[: counts["interventions"]])
         if self.trajectory.exists():
             frames = read(self.trajectory, index=":")[: counts["frames"]]
-            tmp = self.trajectory.with_name("trajectory.traj.tmp")
-            tmp.unlink(missing_ok=True)
-            with Trajectory(tmp, "w") as traj:
+            with replacing(self.trajectory) as tmp, Trajectory(tmp, "w") as traj:
                 for frame in frames:
                     traj.write(frame)
-            os.replace(tmp, self.trajectory)
         return labels[counts["labels"]:]
 
 
 def _rewrite_lines(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 #: SGHMC statistics that every update re-initialises (``sghmc.init`` before its first step)
@@ -245,8 +238,7 @@ def pack(run_dir: str | os.PathLike, archive: str | os.PathLike) -> Path:
         checkpoint = io.BytesIO()
         torch.save(compact_checkpoint(rd.read_checkpoint()), checkpoint)
         archive.parent.mkdir(parents=True, exist_ok=True)
-        tmp = archive.with_name(archive.name + ".tmp")
-        with tarfile.open(tmp, "w:xz") as tar:
+        with replacing(archive) as tmp, tarfile.open(tmp, "w:xz") as tar:
             for path in sorted(rd.path.rglob("*")):
                 rel = path.relative_to(rd.path)
                 if path.is_file() and rel.parts[0] not in NOT_PACKED and path != rd.checkpoint and path.suffix != ".tmp":
@@ -255,7 +247,6 @@ def pack(run_dir: str | os.PathLike, archive: str | os.PathLike) -> Path:
             info.size = checkpoint.getbuffer().nbytes
             checkpoint.seek(0)
             tar.addfile(info, checkpoint)
-        os.replace(tmp, archive)
     finally:
         rd.unlock()
     return archive

@@ -1,11 +1,14 @@
-"""Markov chains of the ensemble and the runners that advance them.
+"""Runners: where the chains of an ensemble run.
 
-A :class:`Chain` is the whole state of one member's sampler: SGHMC state, its own
-random generator (minibatch draws and noise) and the samples it has produced.
-:func:`run_chain` advances one chain through a :class:`Schedule`; it depends only on
-its inputs, so chains can run one after another in this process
-(:class:`SequentialRunner`) or in worker processes (:class:`ProcessRunner`, one per
-core or GPU) with identical results for the same seeds.
+Every runner has the one :class:`Runner` interface: ``run(prior, data, jobs, settings,
+progress, stop)`` advances the chains of ``jobs`` on the posterior of ``prior`` and
+``data`` and returns the new chains in the order of the jobs; ``close()`` frees what
+the runner holds. Runners give identical chains for the same jobs:
+
+- :class:`SequentialRunner` runs them one after another in this process;
+- :class:`ProcessRunner` runs them in resident worker processes (one per core or GPU),
+  each holding its model, the prior, the data set (graphs built once) and its chains,
+  so that a run sends only what the workers do not have yet.
 """
 
 from __future__ import annotations
@@ -15,179 +18,38 @@ import multiprocessing as mp
 import os
 import queue
 import signal
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from torch.func import functional_call
 
-from flytune.bayes import sghmc
+from flytune.bayes.chain import Chain, ChainJob, Progress, SamplerSettings, StopFlag, run_chain
 from flytune.bayes.dataset import TrainingSet
-from flytune.bayes.early_stop import EarlyStop
-from flytune.bayes.minibatch import draw_minibatch
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior
-from flytune.bayes.schedules import Schedule
 from flytune.bayes.tree import tree_to
 
-Params = dict[str, torch.Tensor]
-#: progress callback: (chain index, steps done in this run, mean log-likelihood per
-#: structure of the last minibatch)
-Progress = Callable[[int, int, float], None]
+
+class Runner(Protocol):
+    """Advances chains; see the module docstring."""
+
+    def run(self, prior: GaussianPrior, data: TrainingSet, jobs: Sequence[ChainJob], settings: SamplerSettings,
+            progress: Progress | None = None, stop: StopFlag | None = None) -> list[Chain]:
+        """One cycle of every job's chain on ``data`` under ``prior``: the new chains, in
+        the order of ``jobs``. ``progress(chain, step, mean_ll)`` reports as they go; a
+        set ``stop`` ends every chain early, keeping its current state."""
+        ...
+
+    def close(self) -> None: ...
 
 
-class StopFlag(Protocol):
-    def is_set(self) -> bool: ...
-
-
-@dataclass
-class Chain:
-    """One Markov chain: sampler state, its own generator state, and its samples."""
-
-    index: int
-    state: sghmc.SGHMCState
-    rng_state: torch.Tensor
-    samples: list[Params] = field(default_factory=list)
-    #: True when the last run was stopped before its schedule ended
-    interrupted: bool = False
-
-    @classmethod
-    def start(cls, index: int, params: Params, seed: int) -> Chain:
-        """Chain ``index`` at ``params``; its generator is seeded from (seed, index)."""
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
-        return cls(index=index, state=sghmc.init_state(params), rng_state=generator.get_state())
-
-    def state_dict(self) -> dict:
-        return {
-            "index": self.index,
-            "state": self.state.state_dict(),
-            "rng_state": self.rng_state,
-            "samples": self.samples,
-            "interrupted": self.interrupted,
-        }
-
-    def to(self, device: torch.device | str) -> Chain:
-        return Chain.from_state_dict(tree_to(self.state_dict(), device))
-
-    @classmethod
-    def from_state_dict(cls, state: dict) -> Chain:
-        return cls(
-            index=int(state["index"]),
-            state=sghmc.SGHMCState.from_state_dict(dict(state["state"])),
-            rng_state=state["rng_state"],
-            samples=[dict(s) for s in state["samples"]],
-            interrupted=bool(state["interrupted"]),
-        )
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """Constants of SGHMC and of the minibatch estimator."""
-
-    batch_size: int = 5
-    friction: float = 0.1
-    beta: float = 0.999
-    mass_eps: float = 1e-4
-
-
-@dataclass(frozen=True)
-class ChainJob:
-    """Advance ``chain`` through ``schedule``.
-
-    ``priority``: priority sampling of the newest structure (on-the-fly) or uniform
-    (offline). ``replace_samples``: the new samples replace the chain's old ones
-    (on-the-fly update) instead of being appended (offline cycles). ``early_stop``: end
-    the cycle once the chain has settled (:mod:`flytune.bayes.early_stop`); for
-    schedules whose only sample is at the end.
-    """
-
-    chain: Chain
-    schedule: Schedule
-    priority: bool = True
-    replace_samples: bool = True
-    early_stop: EarlyStop | None = None
-
-
-def log_posterior_fn(model: ProbabilisticModel, prior: GaussianPrior, num_data: int):
-    """−Ũ(θ) = (1/N)·log p(θ) + Σ_b w_b·ℓ_{u_b}(θ) for a minibatch (graphs, labels, w)."""
-
-    device = next(model.parameters()).device
-
-    def log_posterior(params: Params, batch):
-        graphs, labels, weights = batch
-        graphs, labels, weights = graphs.to(device), labels.to(device), weights.to(device)
-        pred = functional_call(model, params, (graphs,), {"create_graph": True})
-        ll = model.log_likelihood(pred, labels, graphs)
-        value = prior.log_prob(params) / num_data + (weights.to(ll.dtype) * ll).sum()
-        return value, ll.detach()
-
-    return log_posterior
-
-
-def run_chain(
-    model: ProbabilisticModel,
-    prior: GaussianPrior,
-    data: TrainingSet,
-    job: ChainJob,
-    settings: SamplerSettings,
-    progress: Progress | None = None,
-    stop: StopFlag | None = None,
-) -> Chain:
-    """Run ``job.schedule`` on ``job.chain``; returns the advanced chain (inputs untouched)."""
-    chain, schedule = job.chain, job.schedule
-    num_data = len(data)
-    if num_data == 0:
-        raise ValueError("cannot sample without data: add labelled structures first")
-    generator = torch.Generator()
-    generator.set_state(chain.rng_state)
-    sampler = sghmc.build(
-        log_posterior_fn(model, prior, num_data),
-        friction=settings.friction,
-        beta=settings.beta,
-        mass_eps=settings.mass_eps,
-        has_aux=True,
-    )
-    state = chain.state
-    samples = [] if job.replace_samples else list(chain.samples)
-    resets, sample_steps = set(schedule.reset_before), set(schedule.sample_after)
-    interrupted = False
-    newest_ll: list[float] = []  # ℓ_new and L̂ in the full-noise phase, for early_stop
-    mean_ll: list[float] = []
-    for k in range(len(schedule)):
-        if stop is not None and stop.is_set():
-            interrupted = True
-            break
-        if k in resets:
-            state = sampler.init(state.params)
-        indices, weights = draw_minibatch(num_data, settings.batch_size, generator, job.priority)
-        graphs, labels = data.batch(indices)
-        state = sampler.update(
-            state,
-            (graphs, labels, weights),
-            lr=float(schedule.step_size[k]),
-            temperature=float(schedule.temperature[k]),
-            num_data=num_data,
-            generator=generator,
-        )
-        if progress is not None:
-            progress(chain.index, k + 1, float(state.aux.mean()))
-        if k in sample_steps:
-            samples.append(state.params)
-        elif job.early_stop is not None and schedule.temperature[k] >= 1.0:
-            ll = state.aux.cpu()
-            mean_ll.append(float((weights.to(ll.dtype) * ll).sum()))
-            newest = indices == num_data - 1
-            if bool(newest.any()):
-                newest_ll.append(float(ll[newest].mean()))
-            if len(mean_ll) % job.early_stop.window == 0 and job.early_stop.settled(newest_ll, mean_ll):
-                samples.append(state.params)
-                break
-    if interrupted and not samples:
-        samples.append(state.params)  # keep what the chain has: its current state
-    state.aux = None
-    return Chain(chain.index, state, generator.get_state(), samples, interrupted)
+def make_runner(spec: ModelSpec, model: ProbabilisticModel, workers: int, threads: int | None = None) -> Runner:
+    """In this process for ``workers == 1`` (on ``model``), else ``workers`` processes."""
+    if workers > 1:
+        return ProcessRunner(spec, workers, threads)
+    return SequentialRunner(model, threads)
 
 
 class SequentialRunner:
@@ -201,15 +63,8 @@ class SequentialRunner:
         self.model = model
         self.threads = threads
 
-    def run(
-        self,
-        prior: GaussianPrior,
-        data: TrainingSet,
-        jobs: Sequence[ChainJob],
-        settings: SamplerSettings,
-        progress: Progress | None = None,
-        stop: StopFlag | None = None,
-    ) -> list[Chain]:
+    def run(self, prior: GaussianPrior, data: TrainingSet, jobs: Sequence[ChainJob], settings: SamplerSettings,
+            progress: Progress | None = None, stop: StopFlag | None = None) -> list[Chain]:
         previous = torch.get_num_threads()
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -269,8 +124,7 @@ def _worker_main(conn, spec_state: dict, threads: int, device: str, events, stop
 
     _exit_with_parent()
     torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as flytune.bayes.ensemble.reproducible
-    model = ModelSpec.from_state_dict(spec_state).build(device)
+    model = ModelSpec.from_state_dict(spec_state).build(device)  # deterministic kernels from here on
     prior: GaussianPrior | None = None
     data = TrainingSet(model.backbone)
     chains: dict[int, Chain] = {}
@@ -306,6 +160,15 @@ def _worker_main(conn, spec_state: dict, threads: int, device: str, events, stop
             conn.send(("error", traceback.format_exc()))
 
 
+@dataclass
+class Traffic:
+    """What a :class:`ProcessRunner` has sent its workers so far (each worker counted)."""
+
+    structures: int = 0  # labelled structures
+    chains: int = 0  # chain states (a chain the worker already holds is not sent)
+    priors: int = 0
+
+
 class ProcessRunner:
     """Runs chains in ``workers`` resident processes, each holding its own model.
 
@@ -313,16 +176,17 @@ class ProcessRunner:
     the prior and the data set (with its neighbour lists) between runs: a run sends only
     the structures added since the last one, the schedules, and the state of chains that
     changed outside the worker (e.g. loaded from a checkpoint); it returns the new chain
-    states. Each worker uses ``threads`` torch threads (default: the cores divided among
-    the workers) and one device: the spec's, or with ``"cuda"`` one GPU per worker in turn.
-    Progress is relayed through a queue; a stop flag shared with the workers ends every
-    chain at its next step.
+    states. :attr:`traffic` counts what was sent. Each worker uses ``threads`` torch
+    threads (default: the cores divided among the workers) and one device: the spec's,
+    or with ``"cuda"`` one GPU per worker in turn. Progress is relayed through a queue;
+    a stop flag shared with the workers ends every chain at its next step.
     """
 
     def __init__(self, spec: ModelSpec, workers: int, threads: int | None = None):
         cores = os.cpu_count() or 1
         self.threads = threads or max(1, cores // workers)
         self.device = spec.device
+        self.traffic = Traffic()
         ctx = mp.get_context("spawn")
         self.events = ctx.Queue()
         self.stop_event = ctx.Event()
@@ -386,22 +250,17 @@ class ProcessRunner:
             state = tree_to(prior.state_dict(), "cpu")
             self._exchange([("prior", state)] * len(self._conns))
             self._prior = prior
+            self.traffic.priors += len(self._conns)
         if data is not self._data or len(data) < self._data_sent:
             self._data, self._data_sent = data, 0
         if len(data) > self._data_sent:
             state = data.state_dict(start=self._data_sent)
             self._exchange([("data", state, self._data_sent)] * len(self._conns))
+            self.traffic.structures += (len(data) - self._data_sent) * len(self._conns)
             self._data_sent = len(data)
 
-    def run(
-        self,
-        prior: GaussianPrior,
-        data: TrainingSet,
-        jobs: Sequence[ChainJob],
-        settings: SamplerSettings,
-        progress: Progress | None = None,
-        stop: StopFlag | None = None,
-    ) -> list[Chain]:
+    def run(self, prior: GaussianPrior, data: TrainingSet, jobs: Sequence[ChainJob], settings: SamplerSettings,
+            progress: Progress | None = None, stop: StopFlag | None = None) -> list[Chain]:
         self.stop_event.clear()
         self._sync(prior, data)
         per_worker: list[list] = [[] for _ in self._conns]
@@ -409,6 +268,7 @@ class ProcessRunner:
             index = job.chain.index
             resident = self._resident.get(index) is job.chain
             sent = dataclasses.replace(job, chain=None if resident else job.chain.to("cpu"))
+            self.traffic.chains += 0 if resident else 1
             per_worker[index % len(self._conns)].append((index, sent))
         answers = self._exchange([("run", w, settings) if w else None for w in per_worker], progress, stop)
         chains: dict[int, Chain] = {}
