@@ -175,16 +175,23 @@ def run_cmd(
 
 
 def print_summary(summary: dict, run_dir: str) -> None:
+    from flytune.otf.run import uncontrolled_line
+
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
+    warning = uncontrolled_line(summary)
+    if warning:
+        console.print(f"[bold red]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(
         f"{run_dir}: {summary['steps']} MD steps ({summary['simulated_ps']:.3f} ps), "
         f"{summary['reference_calls']} reference calls, "
         f"{fmt(summary['exceed_fraction'] and 100 * summary['exceed_fraction'], '.1f')} % of interventions above ε, "
         f"RMSE at interventions {fmt(summary['rmse_at_interventions_kcal'], '.3f')} kcal/mol; "
         f"wall time: MD {summary['time_md_s']:.0f} s, reference {summary['time_reference_s']:.0f} s, "
-        f"updates {summary['time_update_s']:.0f} s"
+        f"updates {summary['time_update_s']:.0f} s ({summary.get('updates', '-')} updates); "
+        f"speed-up over reference MD {fmt(summary.get('speedup_vs_reference_md'), '.2f')}× "
+        f"(limit {fmt(summary.get('reference_over_prediction'), '.0f')}×)"
         + (f"; stopped: {summary['stopped']}" if summary.get("stopped") else ""),
         highlight=False,
         soft_wrap=True,

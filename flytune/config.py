@@ -176,6 +176,17 @@ class SafetyConfig(_Strict):
     max_force_eV_A: PositiveFloat | None = Field(50.0, description="stop if any force exceeds this (eV/Å)")
 
 
+class UpdatesConfig(_Strict):
+    """When a new label is learned by a posterior update (:mod:`flytune.otf.updates`)."""
+
+    policy: Literal["every", "deferred"] = Field(
+        "every", description="every: update after each label; deferred: when the reference time since the "
+        "last update reaches the cost of an update, max_pending labels wait, or at a critical miss",
+    )
+    max_pending: PositiveInt = Field(16, description="deferred: update once this many labels wait")
+    critical_factor: PositiveFloat = Field(2.0, description="deferred: update at once when |error| > this × ε")
+
+
 class RunConfig(_Strict):
     """The whole on-the-fly run (``flytune run CONFIG.toml``)."""
 
@@ -187,6 +198,7 @@ class RunConfig(_Strict):
     uncertainty: UncertaintyConfig = Field(default_factory=UncertaintyConfig)
     md: MDConfig = Field(default_factory=MDConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     checkpoint_every: PositiveInt = Field(100, description="MD steps between periodic checkpoints")
 
     #: settings that define a run: a run directory made with others cannot be resumed

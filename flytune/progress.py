@@ -95,8 +95,9 @@ class SamplingProgress(_Bar, StepCounter):
 
 
 class RunProgress(_Bar):
-    """Progress of an on-the-fly run: step, simulated time, reference calls, last P, T,
-    ETA, and during a posterior update the chain and SGHMC step it has reached.
+    """Progress of an on-the-fly run: step, simulated time, reference calls, last P (and
+    in red the steps that ran without the call the rule asked for), T, ETA, and during a
+    posterior update the chain and SGHMC step it has reached.
 
     Call it after every MD step with the run; :meth:`update_step` is the ``progress``
     callback of the updates."""
@@ -116,7 +117,8 @@ class RunProgress(_Bar):
             completed=run.dyn.nsteps,
             ps=run.dyn.nsteps * self.timestep_fs / 1000,
             calls=run.calc.state.reference_calls,
-            prob=f"{results.get('prob_exceed', float('nan')):.3f}",
+            prob=f"{results.get('prob_exceed', float('nan')):.3f}"
+            + (f" [bold red]{n} steps without the call asked for[/]" if (n := run.calc.state.steps_uncontrolled) else ""),
             temperature=run.atoms.get_temperature(),
             update="",
         )

@@ -7,7 +7,10 @@ threshold (``uncertainty.threshold_unit``).
 
 Figures (PNG, also embedded in ``report.html``):
 
-- ``calls.png``: reference calls against simulated time;
+- ``calls.png``: reference calls and posterior updates against simulated time, over the
+  whole run;
+- ``probability.png``: P(|e| > ε) at every force call against the call level
+  (1 − confidence), with the steps that ran above it without a call shaded;
 - ``errors.png``: the error E_ref + Δ − Ê at every intervention against the ±ε band,
   with the calibrated predictive σ as bars and the exceedance rate in the title;
 - ``sigma_error.png``: |error| against the calibrated σ, with the smoothed RMSE-vs-σ
@@ -19,7 +22,6 @@ Figures (PNG, also embedded in ``report.html``):
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import json
 import math
@@ -31,10 +33,10 @@ from scipy.ndimage import gaussian_filter1d
 
 from flytune.config import UncertaintyConfig
 from flytune.errors import FlytuneError
-from flytune.otf.rundir import RunDirectory, intervention_figures
+from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures
 from flytune.units import energy_to_eV
 
-FIGURES = ("calls", "errors", "sigma_error", "calibration", "traces")
+FIGURES = ("calls", "probability", "errors", "sigma_error", "calibration", "traces")
 
 
 @dataclass
@@ -44,7 +46,9 @@ class RunLog:
     path: Path
     steps: dict[str, np.ndarray]  # steps.csv columns
     interventions: list[dict]  # interventions.jsonl records, in order
+    updates: list[dict]  # updates.jsonl records (empty for runs from before it)
     threshold_eV: float
+    confidence: float
     unit: str  # the user's energy unit for display
     summary: dict | None  # summary.json of the last finished segment, if any
 
@@ -65,22 +69,9 @@ def read_run(path: str | Path) -> RunLog:
         raise FlytuneError(f"{str(path)!r} has no run_config.json; give a directory written by `flytune run`")
     config = json.loads(rd.config.read_text())["config"]
     uncertainty = UncertaintyConfig(**config.get("uncertainty", {}))
-    steps: dict[str, list] = {}
-    if rd.steps.exists():
-        with open(rd.steps, newline="") as f:
-            for row in csv.DictReader(f):
-                for k, v in row.items():
-                    steps.setdefault(k, []).append(v)
-    arrays = {k: _column(v) for k, v in steps.items()}
-    records = rd.read_interventions()
     summary = json.loads(rd.summary.read_text()) if rd.summary.exists() else None
-    return RunLog(Path(path), arrays, records, uncertainty.threshold_eV, uncertainty.threshold_unit, summary)
-
-
-def _column(values: list[str]) -> np.ndarray:
-    if values and values[0] in ("True", "False"):
-        return np.array([v == "True" for v in values])
-    return np.array([float(v) if v not in ("", "None") else math.nan for v in values])
+    return RunLog(Path(path), rd.read_steps(), rd.read_interventions(), rd.read_updates(), uncertainty.threshold_eV,
+                  uncertainty.confidence, uncertainty.threshold_unit, summary)
 
 
 # -- the statistics ---------------------------------------------------------------------
@@ -129,10 +120,12 @@ def summarize_run(run: RunLog) -> dict:
             if run.interventions else None
         ),
         "time_reference_s": float(sum(r["reference_s"] for r in run.interventions)),
-        "time_update_s": float(sum(r["update_s"] for r in run.interventions)),
+        "time_update_s": float(sum(r["update_s"] for r in run.updates or run.interventions)),
     }
+    wall_s = run.summary.get("wall_s") if run.summary else None
+    out.update(cost_figures(run.steps, run.interventions, run.updates, wall_s))
     if run.summary:
-        out["wall_s"] = run.summary.get("wall_s")
+        out["wall_s"] = wall_s
         out["stopped"] = run.summary.get("stopped")
     return out
 
@@ -170,12 +163,41 @@ def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
         fig.savefig(paths[name], dpi=130)
         plt.close(fig)
 
+    t_end = float(run.steps["time_fs"][-1]) / 1000 if run.steps.get("time_fs", np.array([])).size else 0.0
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.step(np.concatenate([[0.0], t_iv]), np.arange(t_iv.size + 1), where="post")
+    ax.step(np.concatenate([[0.0], t_iv, [max(t_end, *t_iv, 0.0)]]),
+            np.concatenate([np.arange(t_iv.size + 1), [t_iv.size]]), where="post", label="reference calls")
+    if run.updates:
+        t_up = np.array([r["time_fs"] for r in run.updates]) / 1000
+        ax.step(np.concatenate([[0.0], t_up, [max(t_end, *t_up)]]),
+                np.concatenate([np.arange(t_up.size + 1), [t_up.size]]), where="post", label="posterior updates")
+        ax.legend(fontsize=8)
     ax.set_xlabel("simulated time (ps)")
-    ax.set_ylabel("reference calls")
-    ax.set_title(f"{t_iv.size} reference calls")
+    ax.set_ylabel("count")
+    ax.set_title(f"{t_iv.size} reference calls, {len(run.updates) or t_iv.size} updates")
     save(fig, "calls")
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    level = 1 - run.confidence
+    if "prob_exceed" in run.steps:
+        t = run.steps["time_fs"] / 1000
+        prob = run.steps["prob_exceed"]
+        ax.plot(t, prob, lw=0.8, label="P(|e| > ε)")
+        called = run.steps.get("reference_called", np.zeros(t.size, bool)).astype(bool)
+        ax.plot(t[called], prob[called], "r|", ms=8, label="reference call")
+        uncontrolled = run.steps.get("uncontrolled", np.array([""] * t.size)) != ""
+        if uncontrolled.any():
+            ax.fill_between(t, 0, 1, where=uncontrolled, color="tab:red", alpha=0.2, step="mid",
+                            transform=ax.get_xaxis_transform(), label="above the level, no call")
+    ax.axhline(level, color="k", ls="--", lw=1, label=f"call level {100 * level:g} %")
+    ax.set_yscale("symlog", linthresh=1e-3)
+    ax.set_ylim(0, 1.05)
+    n_out = int(np.sum(run.steps.get("uncontrolled", np.array([])) != ""))
+    ax.set_title(f"{n_out} steps ran above the level without a call" if n_out else "every step within the promise")
+    ax.set_xlabel("simulated time (ps)")
+    ax.set_ylabel("P(|e| > ε)")
+    ax.legend(fontsize=8)
+    save(fig, "probability")
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.axhspan(-eps, eps, color="tab:green", alpha=0.15, label=f"±ε = ±{eps:g} {unit}")

@@ -56,6 +56,11 @@ min_steps_between_calls = 0
 # force_call_after = 2000
 # max_temperature_K = 2000
 max_force_eV_A = 50
+
+[updates]                      # when a label is learned by a posterior update
+policy = "every"               # every | deferred (wait until the calls since the last update cost as much as one)
+max_pending = 16               # deferred: update once this many labels wait
+critical_factor = 2.0          # deferred: update at once when |error| > this × ε
 '''
 
 

@@ -45,6 +45,15 @@ def test_safety_nets_in_order():
     assert d.decide(0.01, labels=4, since_call=9, reference_calls=4).reason == "confident"
 
 
+def test_a_limit_that_blocks_a_wanted_call_marks_the_step_uncontrolled():
+    d = worked_example(SafetyConfig(max_reference_calls=5, min_steps_between_calls=2))
+    capped = d.decide(0.15, labels=5, since_call=7, reference_calls=5)  # P = 6.7 % > 5 %
+    waiting = d.decide(0.15, labels=4, since_call=2, reference_calls=4)
+    assert not capped.call and capped.uncontrolled and not waiting.call and waiting.uncontrolled
+    assert not d.decide(0.10, labels=5, since_call=7, reference_calls=5).uncontrolled  # P = 1.2 %: no call wanted
+    assert not d.decide(0.15, labels=4, since_call=3, reference_calls=4).uncontrolled  # called
+
+
 @pytest.mark.parametrize("bad", [dict(threshold_eV=0.0), dict(confidence=1.0)])
 def test_invalid_settings(bad):
     settings = dict(threshold_eV=0.5, confidence=0.95) | bad

@@ -114,19 +114,25 @@ def test_calculator_under_velocity_verlet(workdir):
     assert calc.decision.calibrator.n == calc.state.reference_calls - 1  # the first is not an error sample
 
 
-def test_student_t_rule_decides_without_safety_nets(workdir):
-    """No forced calls: the calibrated probability alone causes a call (P > 5 %), a
-    confident ensemble makes none (P ≤ 5 %), and on a step without a call the MD gets the
-    ensemble mean, not the reference. ε = 1 eV with the Gamma prior (1.5, 20) puts the
-    second structure above 5 % and the later ones below."""
+def student_t_calculator(workdir, safety: SafetyConfig, rows: list, reasons: dict):
+    """ε = 1 eV with the Gamma prior (1.5, 20): the second structure has P(|e| > ε) above
+    5 %, and once it is learned the later ones are below."""
     ensemble = Ensemble.from_config(
         ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
         UncertaintyConfig(threshold=1.0, threshold_unit="eV", calibration_shape=1.5, calibration_rate=20.0), seed=0,
     )
-    rows, reasons = [], {}
-    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
-                              safety=SafetyConfig(force_call_after=None), on_step=rows.append,
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"), safety=safety,
+                              on_step=rows.append,
                               on_intervention=lambda atoms, iv: reasons.update({iv.force_call: iv.reason}))
+    return ensemble, calc
+
+
+def test_student_t_rule_decides_without_safety_nets(workdir):
+    """No forced calls: the calibrated probability alone causes a call (P > 5 %), a
+    confident ensemble makes none (P ≤ 5 %), and on a step without a call the MD gets the
+    ensemble mean, not the reference."""
+    rows, reasons = [], {}
+    ensemble, calc = student_t_calculator(workdir, SafetyConfig(force_call_after=None), rows, reasons)
     atoms = read(workdir / "cu4.xyz")
     atoms.calc = calc
     dyn = VelocityVerlet(atoms, 2 * units.fs)
@@ -150,6 +156,23 @@ def test_student_t_rule_decides_without_safety_nets(workdir):
     assert "probability" in reasons.values() and "forced" not in reasons.values()
     assert all(r["prob_exceed"] > 0.05 for r in called if reasons[r["force_call"]] == "probability")
     assert len(called) < len(rows) and len(md_saw_mean) >= 5
+    assert calc.state.steps_uncontrolled == 0 and all(r["uncontrolled"] == "" for r in rows)
+
+
+def test_a_call_cap_that_blocks_the_rule_is_counted_per_step(workdir):
+    """With max_reference_calls = 1 the rule's second call is refused: that step and every
+    later one with P(|e| > ε) > 5 % is marked, with its cause."""
+    rows, reasons = [], {}
+    ensemble, calc = student_t_calculator(workdir, SafetyConfig(force_call_after=None, max_reference_calls=1),
+                                          rows, reasons)
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(5)
+    assert rows[0]["reference_called"] and not any(r["reference_called"] for r in rows[1:])
+    marked = [r for r in rows if r["uncontrolled"]]
+    assert marked and all(r["uncontrolled"] == "call cap" and r["prob_exceed"] > 0.05 for r in marked)
+    assert all(r["prob_exceed"] <= 0.05 for r in rows[1:] if not r["uncontrolled"])
+    assert calc.state.uncontrolled == {"call cap": len(marked)}
 
 
 def test_stress_is_declared_only_for_periodic_structures(workdir):
@@ -212,6 +235,16 @@ def test_run_directory_contents(uninterrupted):
                 "time_md_s", "time_reference_s", "time_update_s"):
         assert key in summary
     assert summary["steps"] == 15 and summary["reference_calls"] >= 5
+    # the cost figures: one update per call (policy "every"), none of the steps outside the promise
+    updates = [json.loads(line) for line in (rd / "updates.jsonl").read_text().splitlines()]
+    assert summary["updates"] == len(updates) == summary["reference_calls"] and summary["labels_per_update"] == 1
+    assert summary["time_update_s"] == pytest.approx(sum(u["update_s"] for u in updates))
+    assert all(u["chain_steps"] == 2 * 12 and u["s_per_chain_step"] > 0 for u in updates)
+    assert summary["steps_uncontrolled"] == 0 and summary["uncontrolled_by_cause"] == {}
+    t_ref = sorted(json.loads(line)["reference_s"] for line in (rd / "interventions.jsonl").read_text().splitlines())
+    assert summary["median_reference_s"] == pytest.approx(float(np.median(t_ref)))
+    assert summary["speedup_vs_reference_md"] == pytest.approx(15 * np.median(t_ref) / summary["wall_s"])
+    assert summary["reference_over_prediction"] == pytest.approx(np.median(t_ref) / summary["median_predict_s"])
     labels = read(rd / "labels.extxyz", index=":")
     assert len(labels) == summary["reference_calls"] == len(label_records(rd))
     assert all("energy_raw" in a.info and "step" in a.info for a in labels)
@@ -243,6 +276,68 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(workdir, uninterrupted,
     assert [r.split(",")[:7] for r in steps_full] == [r.split(",")[:7] for r in steps_resumed]
     summary = json.loads((workdir / name / "summary.json").read_text())
     assert summary["reference_calls"] == len(expected)
+
+
+DEFERRED = {"[safety]": '[updates]\npolicy = "deferred"\nmax_pending = 4\ncritical_factor = 1e6\n[safety]'}
+
+
+@pytest.fixture(scope="module")
+def deferred(workdir):
+    """The run of :func:`uninterrupted` with updates deferred until 4 labels wait (the
+    cost rule never fires first: EMT takes milliseconds, an update a second)."""
+    result = run_cli(workdir, write_config(workdir, "deferred", **DEFERRED))
+    assert result.returncode == 0, result.stderr
+    return workdir / "deferred"
+
+
+def update_records(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+
+
+def test_deferred_updates_learn_every_label_in_fewer_updates(deferred):
+    summary = json.loads((deferred / "summary.json").read_text())
+    updates = update_records(deferred)
+    interventions = [json.loads(line) for line in (deferred / "interventions.jsonl").read_text().splitlines()]
+    assert updates[0]["reason"] == "first" and updates[0]["labels_learned"] == 1
+    assert {u["reason"] for u in updates[1:]} <= {"max pending", "end of run"}
+    assert all(u["labels_learned"] == 4 for u in updates[1:] if u["reason"] == "max pending")
+    assert sum(u["labels_learned"] for u in updates) == summary["reference_calls"] == len(interventions)
+    assert summary["updates"] == len(updates) < summary["reference_calls"]
+    assert summary["labels_per_update"] == pytest.approx(summary["reference_calls"] / len(updates))
+    # each update but the last one's flush follows a call; the other calls were deferred
+    assert sum(iv["update"] != "deferred" for iv in interventions) == sum(u["reason"] != "end of run" for u in updates)
+    assert summary["labels_pending"] == 0
+    assert len(Ensemble.read_state(deferred / "model.pt")["data"]["numbers"]) == summary["reference_calls"]
+
+
+@pytest.mark.parametrize("kill_at", ["label-written:8", "mid-update:4"])
+def test_sigkill_with_labels_pending_loses_and_repeats_none(workdir, deferred, kill_at):
+    """Killed with labels 6 and 7 waiting in the checkpoint as label 8 is written, or
+    during the update that learns labels 2–5: the resumed run has the same labels, calls
+    and updates as the unbroken one."""
+    name = "deferred_kill_" + kill_at.replace(":", "_").replace("-", "_")
+    config = write_config(workdir, name, **DEFERRED)
+    killed = run_cli(workdir, config, {"FLYTUNE_KILL_AT": kill_at})
+    assert killed.returncode == -9, killed.stderr
+    resumed = run_cli(workdir, config)
+    assert resumed.returncode == 0, resumed.stderr
+    assert label_records(workdir / name) == label_records(deferred)
+    key = lambda u: (u["force_call"], u["reason"], u["labels_learned"], u["labels"])  # noqa: E731
+    assert [key(u) for u in update_records(workdir / name)] == [key(u) for u in update_records(deferred)]
+    rows = lambda d: [r.split(",")[:7] for r in (d / "steps.csv").read_text().splitlines()]  # noqa: E731
+    assert rows(workdir / name) == rows(deferred)
+
+
+def test_steps_outside_the_promise_are_named_in_the_summary_and_the_final_line(workdir):
+    config = write_config(workdir, "capped", steps=6, **{"force_call_after = 3": "max_reference_calls = 2"})
+    result = run_cli(workdir, config)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((workdir / "capped" / "summary.json").read_text())
+    marked = [r for r in (workdir / "capped" / "steps.csv").read_text().splitlines()[1:] if "call cap" in r]
+    n = summary["steps_uncontrolled"]
+    assert n == len(marked) >= 3 and summary["uncontrolled_by_cause"] == {"call cap": n}
+    line = f"{n} of {summary['force_calls']} steps ran with P(|e|>ε) > 5 % and no call: call cap ({n})"
+    assert line in " ".join((result.stdout + result.stderr).split())
 
 
 @pytest.mark.parametrize("cut_update", [1, 3])
@@ -448,8 +543,8 @@ def test_drivers_resume_exactly(workdir, driver):
     assert summary["steps"] == 6
     full, resumed = workdir / f"{driver}_full", workdir / f"{driver}_split"
     assert label_records(full) == label_records(resumed)
-    rows = lambda d: [r.split(",") for r in (d / "steps.csv").read_text().splitlines()[1:]]  # noqa: E731
-    assert rows(full) == rows(resumed)
+    rows = lambda d: [r.split(",")[:-1] for r in (d / "steps.csv").read_text().splitlines()]  # noqa: E731
+    assert rows(full) == rows(resumed)  # every column but the last, the prediction's wall time
     frames = read(full / "trajectory.traj", index=":")
     assert len(frames) == 3
     if driver == "npt":
@@ -517,11 +612,11 @@ def test_report_of_a_run_directory(uninterrupted, tmp_path, monkeypatch, capsys)
     assert sum(printed["calls_by_quarter"]) == summary["reference_calls"]
     assert printed["time_reference_s"] == pytest.approx(summary["time_reference_s"])
     page = (out / "report.html").read_text()
-    for name in ("calls", "errors", "sigma_error", "calibration", "traces"):
+    for name in ("calls", "probability", "errors", "sigma_error", "calibration", "traces"):
         png = (out / f"{name}.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
         assert f'alt="{name}"' in page
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 6
     assert "http://" not in page and "https://" not in page
 
 

@@ -3,20 +3,23 @@ r"""The on-the-fly ASE calculator (method §6–§8).
 At every force call it predicts with the ensemble and asks the :class:`Decision`
 (calibrated P(|e| > ε) and the safety nets) whether to call the reference. Without a
 call it returns the ensemble mean; with one it labels the structure, records (e, σ) for
-the calibration using the prediction made before the update, adds the structure to the
-data, updates every chain and returns the reference's energy (plus the energy offset
-Δ), forces and, for periodic structures, stress.
+the calibration using the prediction made before the update, queues the label for the
+posterior update (:class:`UpdateSchedule`: at once, or deferred) and returns the
+reference's energy (plus the energy offset Δ), forces and, for periodic structures,
+stress. A step where the rule asked for a call that a limit or a failed reference kept
+from being made is *uncontrolled*: it is counted and named.
 
 Properties: ``energy``, ``free_energy``, ``forces``, and ``stress`` for structures
 periodic in all three directions. Extra results readable from ``calc.results``:
-``energy_std`` (eV), ``prob_exceed``, ``reference_called``.
+``energy_std`` (eV), ``prob_exceed``, ``reference_called``, ``uncontrolled`` (why the
+step ran without the call the rule asked for; empty if it did not).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -28,11 +31,12 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from flytune.bayes.calibration import Calibrator
 from flytune.bayes.chain import Progress
 from flytune.bayes.ensemble import Ensemble
-from flytune.config import SafetyConfig
+from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
 from flytune.otf.decision import Decision
 from flytune.otf.reference import Reference, ReferenceFailure
+from flytune.otf.updates import UpdateSchedule
 
 
 class ModelFailure(RuntimeError):
@@ -60,9 +64,12 @@ class Intervention:
     shape: float  # a' after observing
     rate: float  # b' after observing
     reference_s: float
-    update_s: float
+    update_s: float  # 0 when the update was deferred
     first: bool = False
     reason: str = "first"  # why the reference was called (see flytune.otf.decision.Verdict)
+    #: why the posterior update ran right after this call (flytune.otf.updates), or "deferred"
+    update: str = "every"
+    labels_learned: int = 1  # labels that update learned (this one and those deferred before it)
 
 
 @dataclass
@@ -76,6 +83,13 @@ class CalculatorState:
     time_reference_s: float = 0.0
     time_update_s: float = 0.0
     skipped_failures: int = 0
+    updates: int = 0
+    #: force calls that ran without the call the rule asked for, by cause
+    uncontrolled: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def steps_uncontrolled(self) -> int:
+        return sum(self.uncontrolled.values())
 
 
 @dataclass
@@ -98,23 +112,27 @@ class OnTheFlyCalculator(Calculator):
         threshold: float | None = None,
         confidence: float | None = None,
         safety: SafetyConfig | None = None,
+        updates: UpdatesConfig | None = None,
         calibrator: Calibrator | None = None,
         on_failure: Literal["stop", "skip"] = "stop",
         on_step: Callable[[dict], None] | None = None,
         on_intervention: Callable[[Atoms, Intervention], None] | None = None,
         on_label: Callable[[Atoms, dict], None] | None = None,
+        on_update: Callable[[dict], None] | None = None,
         on_update_progress: Progress | None = None,
         **kwargs,
     ):
         """``threshold`` ε in eV, ``confidence`` and the ``calibrator`` (the Gamma prior
         (a, b)) default to the ensemble's uncertainty settings; ``safety`` holds the limits
-        of the decision (:class:`flytune.otf.decision.Decision`). ``on_failure``: a failed
+        of the decision (:class:`flytune.otf.decision.Decision`), ``updates`` when labels
+        are learned (:mod:`flytune.otf.updates`; default: after each). ``on_failure``: a failed
         reference call stops the run (``"stop"``, raises :class:`ReferenceFailure`) or the
         MD continues with the ensemble's prediction (``"skip"``). Callbacks: ``on_label``
         with the labelled structure as soon as the reference returns (before the update),
-        ``on_intervention`` after the update, ``on_step`` after every force call (the run
-        directory writes its files there), ``on_update_progress`` during updates as
-        ``(chain, step, mean log-likelihood)``."""
+        ``on_intervention`` after the update (or its deferral), ``on_update`` with a record
+        of each posterior update, ``on_step`` after every force call (the run directory
+        writes its files there), ``on_update_progress`` during updates as ``(chain, step,
+        mean log-likelihood)``."""
         super().__init__(**kwargs)
         u = ensemble.uncertainty
         self.ensemble = ensemble
@@ -125,10 +143,12 @@ class OnTheFlyCalculator(Calculator):
             u.confidence if confidence is None else confidence,
             safety,
         )
+        self.schedule = UpdateSchedule(updates, self.decision.threshold_eV)
         self.on_failure = on_failure
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
         self.on_step, self.on_intervention, self.on_label = on_step, on_intervention, on_label
+        self.on_update = on_update
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
 
@@ -156,14 +176,16 @@ class OnTheFlyCalculator(Calculator):
         self.state.force_calls += 1
         start = time.perf_counter()
         pred = self.ensemble.predict(atoms)
-        self.state.time_predict_s += time.perf_counter() - start
+        predict_s = time.perf_counter() - start
+        self.state.time_predict_s += predict_s
         energy, sigma = float(pred.energy[0]), float(pred.energy_std[0])
         st = self.state
         verdict = self.decision.decide(
-            sigma, labels=len(self.ensemble.data), reference_calls=st.reference_calls,
+            sigma, labels=len(self.ensemble.data) + len(self.schedule.pending), reference_calls=st.reference_calls,
             since_call=st.force_calls - st.last_call if st.last_call is not None else st.force_calls,
         )
         called = False
+        uncontrolled = verdict.reason if verdict.uncontrolled else ""
         results = {"energy": energy, "forces": pred.forces}
         if pred.stress is not None and atoms.pbc.all():
             results["stress"] = pred.stress[0]
@@ -171,14 +193,20 @@ class OnTheFlyCalculator(Calculator):
             reference = self._label(atoms, energy, sigma, verdict.prob_exceed, verdict.reason)
             if reference is not None:
                 results, called = reference, True
+            else:
+                uncontrolled = "reference failed"
+        if uncontrolled:
+            st.uncontrolled[uncontrolled] = st.uncontrolled.get(uncontrolled, 0) + 1
         results["free_energy"] = results["energy"]
         if "stress" in results:
             results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
-        results.update(energy_std=sigma, prob_exceed=verdict.prob_exceed, reference_called=called)
+        results.update(energy_std=sigma, prob_exceed=verdict.prob_exceed, reference_called=called,
+                       uncontrolled=uncontrolled)
         self.results = results
         if self.on_step is not None:
-            self.on_step({"force_call": self.state.force_calls, "energy_eV": results["energy"],
-                          "energy_std_eV": sigma, "prob_exceed": verdict.prob_exceed, "reference_called": called})
+            self.on_step({"force_call": st.force_calls, "energy_eV": results["energy"], "energy_std_eV": sigma,
+                          "prob_exceed": verdict.prob_exceed, "reference_called": called,
+                          "uncontrolled": uncontrolled, "predict_s": predict_s})
 
     def _reference_result(self, atoms: Atoms) -> tuple[Atoms, float, bool]:
         """(labelled structure, reference seconds, replayed): a pending label written before
@@ -202,8 +230,38 @@ class OnTheFlyCalculator(Calculator):
             self.on_update_progress(chain, step, mean_ll)
 
     def _adopt(self, pending: PendingLabel) -> None:
-        """Add a label whose structure the resumed run did not revisit (no loss, no call)."""
-        self.ensemble.update([pending.atoms])
+        """Queue a label whose structure the resumed run did not revisit (no loss, no call)."""
+        reason = self.schedule.add(pending.atoms, error_eV=0.0, reference_s=0.0)
+        if reason is not None:
+            self.learn_pending(reason)
+
+    def learn_pending(self, reason: str = "end of run") -> tuple[float, int]:
+        """Update the posterior on the labels waiting for it, now: (seconds, labels learned).
+
+        Raises :class:`UpdateInterrupted` when a stop arrives during the update and
+        :class:`ModelFailure` when it diverges."""
+        labels = self.schedule.take()
+        if not labels:
+            return 0.0, 0
+        start = time.perf_counter()
+        self.ensemble.update(labels, progress=self._update_progress, stop=self.stop)
+        update_s = time.perf_counter() - start
+        if any(chain.interrupted for chain in self.ensemble.chains):
+            raise UpdateInterrupted
+        if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
+            raise ModelFailure(
+                "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
+                "model.cycle_steps, then resume: the last checkpoint is from before this update"
+            )
+        self.schedule.updated(update_s)
+        self.state.time_update_s += update_s
+        self.state.updates += 1
+        if self.on_update is not None:
+            chain_steps = sum(chain.state.step for chain in self.ensemble.chains)
+            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
+                            "labels": len(self.ensemble.data), "update_s": update_s, "chain_steps": chain_steps,
+                            "s_per_chain_step": update_s / max(chain_steps, 1)})
+        return update_s, len(labels)
 
     def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str) -> dict | None:
         first = reason == "first"
@@ -227,17 +285,8 @@ class OnTheFlyCalculator(Calculator):
         if not first:
             self.decision.observe(error, sigma)  # σ predicted before the update
         faults.point("label-written")
-        start = time.perf_counter()
-        self.ensemble.update([label], progress=self._update_progress, stop=self.stop)
-        update_s = time.perf_counter() - start
-        if any(chain.interrupted for chain in self.ensemble.chains):
-            raise UpdateInterrupted
-        if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
-            raise ModelFailure(
-                "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
-                "model.cycle_steps, then resume: the last checkpoint is from before this update"
-            )
-        self.state.time_update_s += update_s
+        update = self.schedule.add(label, error_eV=error, reference_s=reference_s, first=first)
+        update_s, learned = self.learn_pending(update) if update is not None else (0.0, 0)
         self.state.reference_calls += 1
         self.state.last_call = self.state.force_calls
         intervention = Intervention(
@@ -245,6 +294,7 @@ class OnTheFlyCalculator(Calculator):
             energy_ref_raw=raw, energy_ref=raw + offset, error=error, calibrated_std=calibrated,
             shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
             reference_s=reference_s, update_s=update_s, first=first, reason=reason,
+            update=update or "deferred", labels_learned=learned,
         )
         if self.on_intervention is not None:
             self.on_intervention(label, intervention)
@@ -260,11 +310,13 @@ class OnTheFlyCalculator(Calculator):
             cache = {"positions": self.atoms.positions.tolist(), "cell": np.asarray(self.atoms.cell).tolist(),
                      "results": {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
                                  for k, v in self.results.items()}}
-        return {"state": asdict(self.state), "cache": cache}
+        return {"state": asdict(self.state), "cache": cache, "schedule": self.schedule.state_dict()}
 
     def load_state_dict(self, state: dict, atoms: Atoms) -> None:
-        """Restore counters and the result cache for ``atoms`` (so no extra call happens)."""
+        """Restore counters, the labels waiting for an update and the result cache for
+        ``atoms`` (so no extra call happens)."""
         self.state = CalculatorState(**state["state"])
+        self.schedule.load_state_dict(state.get("schedule", {}))
         cache = state.get("cache")
         if cache is not None:
             self.atoms = atoms.copy()

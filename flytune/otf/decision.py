@@ -35,6 +35,9 @@ class Verdict:
     prob_exceed: float  # P(|e| > ε) under the calibration (1 for the first structure)
     #: "first", "probability", "forced", "confident", "call cap" or "waiting"
     reason: str
+    #: the rule asked for a call (P(|e| > ε) above the level) and a limit kept it from
+    #: being made: a step outside the promise
+    uncontrolled: bool = False
 
 
 class Decision:
@@ -67,13 +70,14 @@ class Decision:
             return Verdict(True, 1.0, "first")
         prob = self.prob_exceed(sigma)
         s = self.safety
+        wanted = prob > 1.0 - self.confidence
         if s.max_reference_calls is not None and reference_calls >= s.max_reference_calls:
-            return Verdict(False, prob, "call cap")
+            return Verdict(False, prob, "call cap", uncontrolled=wanted)
         if since_call <= s.min_steps_between_calls:
-            return Verdict(False, prob, "waiting")
+            return Verdict(False, prob, "waiting", uncontrolled=wanted)
         if s.force_call_after is not None and since_call >= s.force_call_after:
             return Verdict(True, prob, "forced")
-        if prob > 1.0 - self.confidence:
+        if wanted:
             return Verdict(True, prob, "probability")
         return Verdict(False, prob, "confident")
 

@@ -28,7 +28,7 @@ from flytune.data import read_structures
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, UpdateInterrupted
 from flytune.otf.reference import ReferenceFailure, make_reference
-from flytune.otf.rundir import RunDirectory, intervention_figures
+from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures
 from flytune.units import KCAL_MOL
 
 Log = Callable[[str], None]
@@ -125,7 +125,8 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDC
     """Figures of the run from its files (so a resumed run reports the whole run), scored
     against the threshold ε in force now."""
     threshold = calc.decision.threshold_eV
-    exceed, rmse = intervention_figures(rd.read_interventions(), threshold)
+    interventions = rd.read_interventions()
+    exceed, rmse = intervention_figures(interventions, threshold)
     st = calc.state
     cal = calc.decision.calibrator
     return {
@@ -137,6 +138,7 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDC
         "rmse_at_interventions_eV": rmse,
         "rmse_at_interventions_kcal": rmse / KCAL_MOL if rmse is not None else None,
         "threshold_eV": threshold,
+        "confidence": calc.decision.confidence,
         "calibration": {"shape": cal.posterior_shape, "rate": cal.posterior_rate, "n": cal.n},
         "time_md_s": max(wall_s - st.time_reference_s - st.time_update_s, 0.0),
         "time_reference_s": st.time_reference_s,
@@ -144,8 +146,20 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDC
         "time_predict_s": st.time_predict_s,
         "wall_s": wall_s,
         "skipped_reference_failures": st.skipped_failures,
+        "labels_pending": len(calc.schedule.pending),
+        **cost_figures(rd.read_steps(), interventions, rd.read_updates(), wall_s),
         "stopped": stopped,
     }
+
+
+def uncontrolled_line(summary: dict) -> str | None:
+    """"337 of 400 steps ran with P(|e|>ε) > 5 % and no call: call cap (337)", or None."""
+    n = summary.get("steps_uncontrolled") or 0
+    if not n:
+        return None
+    causes = ", ".join(f"{cause} ({count})" for cause, count in summary["uncontrolled_by_cause"].items())
+    return (f"{n} of {summary['force_calls']} steps ran with P(|e|>ε) > {100 * (1 - summary['confidence']):.0f} % "
+            f"and no call: {causes}")
 
 
 class OnTheFlyRun:
@@ -250,9 +264,10 @@ class OnTheFlyRun:
 
     def _calculator(self, calibrator: Calibrator | None) -> OnTheFlyCalculator:
         c = self.config
-        return OnTheFlyCalculator(self.ensemble, self.reference, safety=c.safety, calibrator=calibrator,
-                                  on_failure=c.reference.on_failure, on_step=self._on_step,
-                                  on_intervention=self._on_intervention, on_label=self._on_label)
+        return OnTheFlyCalculator(self.ensemble, self.reference, safety=c.safety, updates=c.updates,
+                                  calibrator=calibrator, on_failure=c.reference.on_failure, on_step=self._on_step,
+                                  on_intervention=self._on_intervention, on_label=self._on_label,
+                                  on_update=self._on_update)
 
     # -- records ----------------------------------------------------------------------
     def _md_step(self) -> int:
@@ -268,6 +283,10 @@ class OnTheFlyRun:
         record.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs)
         self.rd.append_intervention(record)
 
+    def _on_update(self, record: dict) -> None:
+        record.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs)
+        self.rd.append_update(record)
+
     def _on_step(self, row: dict) -> None:
         row.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs,
                    temperature_K=self.atoms.get_temperature())
@@ -281,8 +300,8 @@ class OnTheFlyRun:
             "calculator": self.calc.state_dict(),
             "md": {"positions": self.atoms.positions.tolist(), "momenta": self.atoms.get_momenta().tolist(),
                    "cell": np.asarray(self.atoms.cell).tolist(), "dynamics": dynamics_state(self.dyn)},
-            "counts": {"labels": len(self.ensemble.data), "steps": st.force_calls,
-                       "interventions": st.reference_calls, "frames": self.frames},
+            "counts": {"labels": len(self.ensemble.data) + len(self.calc.schedule.pending), "steps": st.force_calls,
+                       "interventions": st.reference_calls, "updates": st.updates, "frames": self.frames},
             "wall_s": self.wall_before + time.perf_counter() - self._start,
         })
 
@@ -327,6 +346,8 @@ class OnTheFlyRun:
                     on_progress(self)
                 if stopped:
                     break
+            if self.dyn.nsteps >= total and self.calc.schedule.pending:
+                self.calc.learn_pending("end of run")  # model.pt learns every label
         except (ReferenceFailure, ModelFailure) as exc:
             kind = "reference failure" if isinstance(exc, ReferenceFailure) else "model failure"
             stopped = f"{kind} at MD step {self._md_step()}: {exc}"

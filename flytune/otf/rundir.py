@@ -4,6 +4,7 @@
   stress, force call, time), appended and flushed as soon as the reference returns;
   ``checkpoint/labels.jsonl`` holds the same records at full precision for replay;
 - ``steps.csv``: one row per force call; ``interventions.jsonl``: one per reference call;
+  ``updates.jsonl``: one per posterior update;
 - ``trajectory.traj``: the MD trajectory (ASE); ``summary.json``; ``run_config.json``;
 - ``checkpoint/checkpoint.pt``: ensemble, calibrator, offset, calculator counters, MD
   state and the lengths of every log.
@@ -38,7 +39,7 @@ from flytune.files import replacing, write_text_atomic
 from flytune.otf import faults
 
 STEP_COLUMNS = ["step", "force_call", "time_fs", "energy_eV", "energy_std_eV", "prob_exceed",
-                "reference_called", "temperature_K"]
+                "reference_called", "temperature_K", "uncontrolled", "predict_s"]
 
 
 def _fsync_append(path: Path, text: str) -> None:
@@ -78,6 +79,7 @@ class RunDirectory:
         self.labels = self.path / "labels.extxyz"
         self.steps = self.path / "steps.csv"
         self.interventions = self.path / "interventions.jsonl"
+        self.updates = self.path / "updates.jsonl"
         self.trajectory = self.path / "trajectory.traj"
         self.summary = self.path / "summary.json"
         self.config = self.path / "run_config.json"
@@ -85,6 +87,7 @@ class RunDirectory:
         self.checkpoint = self.checkpoint_dir / "checkpoint.pt"
         self.exact_labels = self.checkpoint_dir / "labels.jsonl"
         self._lock_file = None
+        self._step_columns: list[str] | None = None
 
     # -- lifecycle ------------------------------------------------------------------
     def lock(self) -> None:
@@ -131,21 +134,44 @@ class RunDirectory:
             os.fsync(f.fileno())
 
     def append_step(self, row: dict) -> None:
-        new = not self.steps.exists()
+        """One row of ``steps.csv``, in the columns of its header (a run directory written
+        by an older version keeps its columns)."""
+        if self._step_columns is None:
+            with open(self.steps, "a+", newline="") as f:
+                f.seek(0)
+                header = f.readline().strip()
+            self._step_columns = header.split(",") if header else None
         with open(self.steps, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=STEP_COLUMNS)
-            if new:
+            writer = csv.DictWriter(f, fieldnames=self._step_columns or STEP_COLUMNS)
+            if self._step_columns is None:
                 writer.writeheader()
-            writer.writerow({k: row.get(k) for k in STEP_COLUMNS})
+                self._step_columns = STEP_COLUMNS
+            writer.writerow({k: row.get(k) for k in self._step_columns})
+
+    def read_steps(self) -> dict[str, np.ndarray]:
+        """The columns of ``steps.csv`` as arrays (booleans, floats; an empty cell is NaN;
+        the ``uncontrolled`` column stays text)."""
+        columns: dict[str, list] = {}
+        if self.steps.exists():
+            with open(self.steps, newline="") as f:
+                for row in csv.DictReader(f):
+                    for k, v in row.items():
+                        columns.setdefault(k, []).append(v)
+        return {k: np.array(v) if k == "uncontrolled" else _column(v) for k, v in columns.items()}
 
     def append_intervention(self, record: dict) -> None:
         _fsync_append(self.interventions, json.dumps(record) + "\n")
 
     def read_interventions(self) -> list[dict]:
         """The records of ``interventions.jsonl``, in order (none before the first call)."""
-        if not self.interventions.exists():
-            return []
-        return [json.loads(line) for line in self.interventions.read_text().splitlines() if line.strip()]
+        return _read_jsonl(self.interventions)
+
+    def append_update(self, record: dict) -> None:
+        _fsync_append(self.updates, json.dumps(record) + "\n")
+
+    def read_updates(self) -> list[dict]:
+        """The records of ``updates.jsonl`` (one per posterior update), in order."""
+        return _read_jsonl(self.updates)
 
     def append_frame(self, atoms: Atoms) -> None:
         with Trajectory(self.trajectory, "a") as traj:
@@ -184,7 +210,8 @@ class RunDirectory:
     def truncate(self, counts: dict) -> list[Atoms]:
         """Cut every log back to the checkpoint's lengths; returns the labels after it.
 
-        ``counts``: ``labels``, ``steps`` (rows), ``interventions``, ``frames``.
+        ``counts``: ``labels``, ``steps`` (rows), ``interventions``, ``frames`` and
+        ``updates`` (absent in checkpoints older than ``updates.jsonl``: kept as is).
         """
         labels = self.read_exact_labels()
         _rewrite_lines(self.exact_labels, [json.dumps(label_record(a)) for a in labels])
@@ -194,14 +221,27 @@ class RunDirectory:
         if self.steps.exists():
             lines = self.steps.read_text().splitlines()
             _rewrite_lines(self.steps, lines[: counts["steps"] + 1])
-        if self.interventions.exists():
-            _rewrite_lines(self.interventions, self.interventions.read_text().splitlines()[: counts["interventions"]])
+        for log, key in ((self.interventions, "interventions"), (self.updates, "updates")):
+            if log.exists() and key in counts:
+                _rewrite_lines(log, log.read_text().splitlines()[: counts[key]])
         if self.trajectory.exists():
             frames = read(self.trajectory, index=":")[: counts["frames"]]
             with replacing(self.trajectory) as tmp, Trajectory(tmp, "w") as traj:
                 for frame in frames:
                     traj.write(frame)
         return labels[counts["labels"]:]
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _column(values: list[str]) -> np.ndarray:
+    if values and values[0] in ("True", "False"):
+        return np.array([v == "True" for v in values])
+    return np.array([float(v) if v not in ("", "None") else np.nan for v in values])
 
 
 def _rewrite_lines(path: Path, lines: list[str]) -> None:
@@ -274,3 +314,42 @@ def intervention_figures(records: list[dict], threshold_eV: float) -> tuple[floa
     if not errors.size:
         return None, None
     return float(np.mean(np.abs(errors) > threshold_eV)), float(np.sqrt(np.mean(errors**2)))
+
+
+def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], updates: list[dict],
+                 wall_s: float | None) -> dict:
+    """What a run cost and where it kept its promise, from its logs.
+
+    - ``steps_uncontrolled``: force calls that ran with P(|e| > ε) above the level and no
+      reference call (a call cap, a wait between calls, a failed reference), and
+      ``uncontrolled_by_cause``;
+    - ``speedup_vs_reference_md`` = MD steps × median t_ref / wall time: how much faster
+      the run was than the reference doing every step;
+    - ``reference_over_prediction`` = median t_ref / median t_pred: the limit of that
+      speed-up (one ensemble prediction per step instead of one reference call);
+    - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates.
+
+    t_ref counts calls made in this run directory (a label replayed on resume costs 0).
+    """
+    causes = [c for c in steps.get("uncontrolled", np.array([])) if c]
+    by_cause = {c: causes.count(c) for c in sorted(set(causes))}
+    md_steps = int(steps["step"][-1]) if "step" in steps and steps["step"].size else 0
+    t_ref = np.array([r["reference_s"] for r in interventions if r["reference_s"] > 0])
+    t_pred = steps.get("predict_s", np.array([]))
+    t_pred = t_pred[np.isfinite(t_pred)]
+    median_ref = float(np.median(t_ref)) if t_ref.size else None
+    if not updates:  # a run directory from before updates.jsonl: one update per call
+        updates = [{"labels_learned": 1} for _ in interventions]
+    learned = sum(u["labels_learned"] for u in updates)
+    per_step = [u["s_per_chain_step"] for u in updates if "s_per_chain_step" in u]
+    return {
+        "steps_uncontrolled": len(causes),
+        "uncontrolled_by_cause": by_cause,
+        "speedup_vs_reference_md": md_steps * median_ref / wall_s if median_ref and wall_s else None,
+        "reference_over_prediction": median_ref / float(np.median(t_pred)) if median_ref and t_pred.size else None,
+        "median_reference_s": median_ref,
+        "median_predict_s": float(np.median(t_pred)) if t_pred.size else None,
+        "updates": len(updates),
+        "labels_per_update": learned / len(updates) if updates else None,
+        "median_s_per_chain_step": float(np.median(per_step)) if per_step else None,
+    }

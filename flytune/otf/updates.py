@@ -1,0 +1,91 @@
+r"""When a new label is learned: the update schedule of an on-the-fly run (``[updates]``).
+
+A label is used the moment the reference returns: its forces drive that MD step, its
+error feeds the calibration, and it is on disk. What may wait is the SGHMC update that
+makes the ensemble learn it (method §4), which costs far more than a prediction.
+
+``policy = "every"`` updates after every label (the method as published).
+``policy = "deferred"`` keeps the labels in a queue and updates, learning all of them in
+one cycle per chain, at the first of:
+
+1. ``first``: the first label of a run (it also measures what an update costs);
+2. ``critical``: a label whose error |e| > ``critical_factor``·ε (the ensemble is badly
+   wrong here; refit now);
+3. ``max pending``: ``max_pending`` labels wait;
+4. ``cost``: the reference time spent since the last update has reached the expected
+   cost of the next update, taken as the wall time of the last one.
+
+Rule 4 is the ski-rental rule: while the ensemble has not learned the new labels it
+keeps asking for calls nearby, each costing t_ref ("renting"), and an update that ends
+them costs t_upd ("buying"). Buying once the rent paid equals the price spends at most
+twice what the best schedule in hindsight would have spent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ase import Atoms
+
+from flytune.config import UpdatesConfig
+from flytune.otf.rundir import label_from_record, label_record
+
+
+@dataclass
+class ScheduleState:
+    """What the schedule remembers (part of the checkpoint)."""
+
+    reference_s: float = 0.0  # reference wall time since the last update
+    last_update_s: float | None = None  # wall time of the last update: the expected cost of the next
+    pending: list[Atoms] = field(default_factory=list)  # labels not yet learned, oldest first
+
+
+class UpdateSchedule:
+    """Decides, after each label, whether the posterior update runs now (see the module
+    docstring); ``threshold_eV`` is ε."""
+
+    def __init__(self, config: UpdatesConfig | None = None, threshold_eV: float = 1.0):
+        self.config = config or UpdatesConfig()
+        self.threshold_eV = threshold_eV
+        self.state = ScheduleState()
+
+    @property
+    def pending(self) -> list[Atoms]:
+        return self.state.pending
+
+    def add(self, label: Atoms, *, error_eV: float, reference_s: float, first: bool = False) -> str | None:
+        """Queue ``label``; the reason to update now (``"every"``, ``"first"``,
+        ``"critical"``, ``"max pending"``, ``"cost"``), or None to wait."""
+        s, c = self.state, self.config
+        s.pending.append(label)
+        s.reference_s += reference_s
+        if c.policy == "every":
+            return "every"
+        if first or s.last_update_s is None:
+            return "first"
+        if abs(error_eV) > c.critical_factor * self.threshold_eV:
+            return "critical"
+        if len(s.pending) >= c.max_pending:
+            return "max pending"
+        if s.reference_s >= s.last_update_s:
+            return "cost"
+        return None
+
+    def take(self) -> list[Atoms]:
+        """The pending labels, for the update that starts now."""
+        labels, self.state.pending = self.state.pending, []
+        return labels
+
+    def updated(self, update_s: float) -> None:
+        """An update of ``update_s`` seconds learned what :meth:`take` returned."""
+        self.state.reference_s = 0.0
+        self.state.last_update_s = update_s
+
+    def state_dict(self) -> dict:
+        s = self.state
+        return {"reference_s": s.reference_s, "last_update_s": s.last_update_s,
+                "pending": [label_record(a) for a in s.pending]}
+
+    def load_state_dict(self, state: dict) -> None:
+        pending = [label_from_record(r) for r in state.get("pending", [])]
+        self.state = ScheduleState(state.get("reference_s", 0.0), state.get("last_update_s"), pending)
