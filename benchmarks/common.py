@@ -135,7 +135,9 @@ def otf_result(summary: dict, run_dir: Path, plots: Path, target_ps: float) -> d
     result = {"target_ps": target_ps, "complete": summary["stopped"] is None}
     result.update({key: summary.get(key) for key in (
         "simulated_ps", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "wall_s",
-        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s")})
+        "time_md_s", "time_reference_s", "time_update_s", "time_predict_s", "speedup_vs_reference_md",
+        "reference_over_prediction", "updates", "labels_per_update", "median_s_per_chain_step",
+        "steps_uncontrolled", "uncontrolled_by_cause")})
     result.update(calls_by_quarter=summarize_run(log)["calls_by_quarter"],
                   calls_over_time_ps=[r["time_fs"] / 1000 for r in log.interventions])
     return result

@@ -21,7 +21,11 @@ made during transitions against the share of time spent in them, with transition
 two ways: frames inside fixed torsion windows around the barriers, and transition paths
 (stretches between leaving one conformer basin and entering another).
 
-The run lives in ``benchmarks/runs/otf_ethanol_<foundation>/`` and resumes where it
+``--updates deferred`` runs the same with the posterior updates deferred by the cost
+rule (``[updates] policy = "deferred"``), as ``<foundation>_deferred`` in the results; the
+committed runs used ``every``.
+
+The run lives in ``benchmarks/runs/otf_ethanol_<foundation>[_deferred]/`` and resumes where it
 stopped (``--ps`` may be raised to extend it); recomputed reference energies are cached.
 A run longer than one sitting goes in parts: ``--hours H --state FILE`` advances it for H
 hours and packs it into FILE (``flytune pack``, ~16 MB: keep it on storage that persists,
@@ -181,12 +185,14 @@ def main() -> None:
     parser.add_argument("foundation", choices=sorted(FOUNDATIONS))
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
+    parser.add_argument("--updates", choices=("every", "deferred"), default="every", help="[updates] policy")
     add_part_arguments(parser)
     args = parser.parse_args()
     backbone = FOUNDATIONS[args.foundation]
     if args.foundation == "pbe" and not PBE_CHECKPOINT.exists():
         parser.error(f"{PBE_CHECKPOINT} is missing: run benchmarks/transfer_ethanol.py first (it builds it)")
-    folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{args.foundation}"
+    name = args.foundation + ("_deferred" if args.updates == "deferred" else "")
+    folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = folder / "run"
     structure = folder / "ethanol.xyz"
@@ -198,23 +204,23 @@ def main() -> None:
         "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": TIMESTEP_FS, "temperature_K": 300,
                "steps": round(args.ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
-        "safety": {"force_call_after": FORCE_CALL_AFTER},
+        "safety": {"force_call_after": FORCE_CALL_AFTER}, "updates": {"policy": args.updates},
     })
     summary = run_for(config, args.hours, args.state)
     if args.state:
         return
-    plots = RESULTS / f"otf_ethanol_{args.foundation}"
+    plots = RESULTS / f"otf_ethanol_{name}"
     result = otf_result(summary, run_dir, plots, args.ps)
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
-        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER,
+        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates=args.updates,
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )
     path = RESULTS / "otf_ethanol.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
     runs = stored.get("runs", {})
-    runs[args.foundation] = result
+    runs[name] = result
     main_run = runs.get("pbe") or runs.get("sevennet0")
     keys = ("complete", "reference_calls", "exceed_fraction", "rmse_at_interventions_kcal", "rmse_random_finetuned_kcal",
             "rmse_random_pretrained_kcal", "simulated_ps")
