@@ -185,6 +185,10 @@ class UpdatesConfig(_Strict):
     )
     max_pending: PositiveInt = Field(16, description="deferred: update once this many labels wait")
     critical_factor: PositiveFloat = Field(2.0, description="deferred: update at once when |error| > this × ε")
+    background: bool = Field(
+        False, description="run updates in worker processes while the MD continues on the current ensemble "
+        "(still calling the reference where it is uncertain); the new samples are swapped in when ready",
+    )
 
 
 class RunConfig(_Strict):

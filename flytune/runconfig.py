@@ -61,6 +61,7 @@ max_force_eV_A = 50
 policy = "every"               # every | deferred (wait until the calls since the last update cost as much as one)
 max_pending = 16               # deferred: update once this many labels wait
 critical_factor = 2.0          # deferred: update at once when |error| > this × ε
+background = false             # true: update in the worker processes while the MD goes on
 '''
 
 

@@ -163,3 +163,17 @@ class FailingCalculator(Calculator):
             raise RuntimeError("segmentation fault in the reference program")
         if self.mode == "nan":
             self.results["forces"][0, 0] = np.nan
+
+
+class SlowEMT(EMT):
+    """EMT that takes ``delay`` seconds per call, like a (very fast) electronic-structure code."""
+
+    def __init__(self, delay: float = 0.1, **kwargs):
+        super().__init__(**kwargs)
+        self.delay = delay
+
+    def calculate(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.delay)
+        super().calculate(*args, **kwargs)

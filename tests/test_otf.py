@@ -328,6 +328,61 @@ def test_sigkill_with_labels_pending_loses_and_repeats_none(workdir, deferred, k
     assert rows(workdir / name) == rows(deferred)
 
 
+BACKGROUND = {"[safety]": DEFERRED["[safety]"].replace("[safety]", "background = true\n[safety]")}
+
+
+def assert_every_label_learned_once(run_dir: Path):
+    """Every reference call is in the labels exactly once, and the final model learned all."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    records = label_records(run_dir)
+    assert summary["steps"] == 15 and len(records) == summary["reference_calls"]
+    assert len({json.dumps(r["positions"]) for r in records}) == len(records)  # no structure labelled twice
+    assert len(Ensemble.read_state(run_dir / "model.pt")["data"]["numbers"]) == len(records)
+    assert summary["labels_pending"] == 0
+    return summary
+
+
+def test_background_updates_run_while_the_md_goes_on(workdir):
+    """The update runs in a worker process while the MD goes on (on the current ensemble,
+    still calling the reference); its chains are swapped in some force calls later."""
+    from flytune.config import UpdatesConfig
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05), seed=0,
+    )
+    records = []
+    calc = OnTheFlyCalculator(ensemble, make_reference("conftest:SlowEMT", {"delay": 0.1}),
+                              safety=SafetyConfig(force_call_after=3), on_update=records.append,
+                              updates=UpdatesConfig(policy="deferred", background=True, max_pending=4,
+                                                    critical_factor=1e6))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    with ensemble:
+        VelocityVerlet(atoms, 2 * units.fs).run(40)
+        calc.learn_pending("end of run")
+    background = [r for r in records if r["reason"].startswith("background: ")]
+    assert background and all(r["force_call"] > r["started_force_call"] for r in background)  # the MD went on
+    polled = [r for r in background[1:] if r["force_call"] < calc.state.force_calls]  # not waited for at the end
+    assert polled and all(r["waited_s"] < 0.2 * r["update_s"] for r in polled)  # the first waits for the workers
+    assert sum(r["labels_learned"] for r in records) == calc.state.reference_calls == len(ensemble.data)
+    assert ensemble.learning == 0 and not calc.schedule.pending
+    assert calc.state.time_update_s == pytest.approx(sum(r["waited_s"] for r in records))
+
+
+def test_sigkill_during_a_background_update_loses_no_label(workdir):
+    name = "background_kill"
+    config = write_config(workdir, name, **BACKGROUND)
+    killed = run_cli(workdir, config, {"FLYTUNE_KILL_AT": "label-written:8"})
+    assert killed.returncode == -9, killed.stderr
+    checkpoint = torch.load(workdir / name / "checkpoint" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["calculator"]["schedule"]["pending"]  # labels not yet learned when it died
+    resumed = run_cli(workdir, config)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert_every_label_learned_once(workdir / name)
+
+
 def test_steps_outside_the_promise_are_named_in_the_summary_and_the_final_line(workdir):
     config = write_config(workdir, "capped", steps=6, **{"force_call_after = 3": "max_reference_calls = 2"})
     result = run_cli(workdir, config)

@@ -109,19 +109,19 @@ class TrainingSet:
         return np.asarray(self._energy)
 
     # -- state -------------------------------------------------------------------------
-    def state_dict(self, start: int = 0) -> dict:
-        """Plain tensors of structures ``start..`` (all by default); Δ is not part of it
-        (an ensemble file keeps it beside, as ``energy_offset``)."""
-        structures = self.structures[start:]
+    def state_dict(self, start: int = 0, stop: int | None = None) -> dict:
+        """Plain tensors of structures ``start..stop`` (all by default); Δ is not part of
+        it (an ensemble file keeps it beside, as ``energy_offset``)."""
+        structures = self.structures[start:stop]
         return {
             "numbers": [torch.as_tensor(a.numbers) for a in structures],
             "positions": [torch.as_tensor(a.positions) for a in structures],
             "cell": [torch.as_tensor(np.asarray(a.cell)) for a in structures],
             "pbc": [torch.as_tensor(a.pbc) for a in structures],
             "raw_energy": torch.as_tensor([a.calc.results["energy"] for a in structures], dtype=torch.float64),
-            "energy": torch.as_tensor(self._energy[start:], dtype=torch.float64),
-            "forces": list(self._forces[start:]),
-            "stress": [s if s is not None else torch.full((3, 3), float("nan")) for s in self._stress[start:]],
+            "energy": torch.as_tensor(self._energy[start:stop], dtype=torch.float64),
+            "forces": list(self._forces[start:stop]),
+            "stress": [s if s is not None else torch.full((3, 3), float("nan")) for s in self._stress[start:stop]],
         }
 
     def extend_from_state_dict(self, state: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,7 +26,7 @@ from flytune.bayes.dataset import TrainingSet
 from flytune.bayes.early_stop import EarlyStop
 from flytune.bayes.model import ModelSpec, ProbabilisticModel
 from flytune.bayes.prior import GaussianPrior, random_start, transfer_prior, uninformative_prior
-from flytune.bayes.runners import Runner, make_runner
+from flytune.bayes.runners import ProcessRunner, Runner, make_runner
 from flytune.bayes.schedules import Schedule, cycle_schedule
 from flytune.bayes.tree import resolve_device, tree_to
 from flytune.config import ModelConfig, UncertaintyConfig
@@ -104,6 +105,8 @@ class Ensemble:
         )
         self.seed = seed
         self._runner: Runner | None = None
+        self._learning = 0  # structures at the end of data that a background update is learning
+        self._started = 0.0
         self._stacked: tuple[tuple[Chain, ...], Params] | None = None
 
     # -- construction ---------------------------------------------------------------
@@ -246,11 +249,46 @@ class Ensemble:
     ) -> None:
         """Add labelled structures and run one update cycle on every chain (warm start)."""
         self.data.extend(new_structures)
+        self.run(self._update_jobs(), progress, stop)
+
+    def _update_jobs(self) -> list[ChainJob]:
         schedule = self.update_schedule()
         c = self.config
         early_stop = EarlyStop(c.early_stop_window, c.early_stop_tolerance_nats) if c.early_stop else None
-        jobs = [ChainJob(chain, schedule, priority=True, replace_samples=True, early_stop=early_stop) for chain in self.chains]
-        self.run(jobs, progress, stop)
+        return [ChainJob(chain, schedule, priority=True, replace_samples=True, early_stop=early_stop)
+                for chain in self.chains]
+
+    # -- updates in the background ------------------------------------------------------
+    def start_update(self, new_structures: Sequence[Atoms]) -> None:
+        """Add labelled structures and start the update cycle in worker processes (at least
+        one, even with ``workers = 1``), returning at once: predictions use the current
+        members until :meth:`finish_update` swaps the new ones in."""
+        if self._learning:
+            raise RuntimeError("an update is already running in the background; finish it first")
+        if not isinstance(self.runner, ProcessRunner):
+            self.close()
+            self._runner = ProcessRunner(self.spec, self.config.workers, self.config.threads_per_worker)
+        self.data.extend(new_structures)
+        self.runner.submit(self.prior, self.data, self._update_jobs(), self.sampler_settings)
+        self._learning = len(new_structures)
+        self._started = time.perf_counter()
+
+    @property
+    def learning(self) -> int:
+        """How many structures (the last of :attr:`data`) a background update is learning."""
+        return self._learning
+
+    def finish_update(self, block: bool = False, progress: Progress | None = None,
+                      stop: StopFlag | None = None) -> float | None:
+        """Swap in the chains of the background update once it is done: its wall time (s)
+        from the start, or None while it is still running (without ``block``)."""
+        chains = self.runner.collect(progress, stop, block)
+        if chains is None:
+            return None
+        by_index = {c.index: c for c in chains}
+        self.chains = [by_index.get(c.index, c) for c in self.chains]
+        self._learning = 0
+        return time.perf_counter() - self._started
 
     def run(self, jobs: Sequence[ChainJob], progress: Progress | None = None, stop: StopFlag | None = None) -> None:
         """Run chain jobs (sequentially or in worker processes) and keep the new chains."""
@@ -266,7 +304,8 @@ class Ensemble:
         return self._runner
 
     def close(self) -> None:
-        """Stop worker processes (if any)."""
+        """Stop worker processes (if any); an update running in the background is dropped
+        (its structures stay in :attr:`data`, :attr:`learning` says how many)."""
         if self._runner is not None:
             self._runner.close()
             self._runner = None
@@ -281,7 +320,8 @@ class Ensemble:
     def state_dict(self, calibrator: Calibrator | None = None) -> dict:
         """Everything needed to predict and to continue bit for bit. The file format
         (:data:`FORMAT`) also holds the calibration of an on-the-fly run: ``calibrator``,
-        or the prior of the uncertainty settings when none is given."""
+        or the prior of the uncertainty settings when none is given. Structures that a
+        background update is still learning are left out: no chain has learned them."""
         if calibrator is None:
             calibrator = Calibrator(self.uncertainty.calibration_shape, self.uncertainty.calibration_rate)
         return {
@@ -291,7 +331,7 @@ class Ensemble:
             "uncertainty": self.uncertainty.model_dump(mode="json"),
             "prior": self.prior.state_dict(),
             "chains": [c.state_dict() for c in self.chains],
-            "data": self.data.state_dict(),
+            "data": self.data.state_dict(stop=len(self.data) - self._learning),
             "energy_offset": self.data.energy_offset,
             "calibrator": calibrator.state_dict(),
             "seed": self.seed,

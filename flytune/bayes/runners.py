@@ -209,15 +209,27 @@ class ProcessRunner:
         self._data_sent = 0
         #: the chain object each worker holds, by chain index
         self._resident: dict[int, Chain] = {}
+        self._in_flight: tuple | None = None  # (messages, jobs per worker, chain order) of a submitted run
 
     def _exchange(
         self, messages: Sequence[tuple | None], progress: Progress | None = None, stop: StopFlag | None = None
     ) -> list:
         """Send message i to worker i (None: nothing) and collect the answers, relaying
         progress and the stop flag while waiting."""
+        self._send(messages)
+        return self._answers(messages, progress, stop, block=True)
+
+    def _send(self, messages: Sequence[tuple | None]) -> None:
         for conn, message in zip(self._conns, messages):
             if message is not None:
                 conn.send(message)
+
+    def _answers(self, messages: Sequence[tuple | None], progress: Progress | None, stop: StopFlag | None,
+                 block: bool) -> list | None:
+        """The answers to ``messages``; without ``block``, None unless every worker has answered."""
+        if not block and not all(c.poll() for c, m in zip(self._conns, messages) if m is not None):
+            self._relay(progress, stop)
+            return None
         answers = []
         for conn, process, message in zip(self._conns, self._processes, messages):
             if message is None:
@@ -261,6 +273,16 @@ class ProcessRunner:
 
     def run(self, prior: GaussianPrior, data: TrainingSet, jobs: Sequence[ChainJob], settings: SamplerSettings,
             progress: Progress | None = None, stop: StopFlag | None = None) -> list[Chain]:
+        self.submit(prior, data, jobs, settings)
+        return self.collect(progress, stop, block=True)
+
+    def submit(self, prior: GaussianPrior, data: TrainingSet, jobs: Sequence[ChainJob],
+               settings: SamplerSettings) -> None:
+        """Start the chains of ``jobs`` in the workers and return at once: this process is
+        free (for MD on the current ensemble) until :meth:`collect`. ``data`` may grow
+        meanwhile; the workers get the new structures with the next submission."""
+        if self._in_flight is not None:
+            raise RuntimeError("a run is already in flight; collect it first")
         self.stop_event.clear()
         self._sync(prior, data)
         per_worker: list[list] = [[] for _ in self._conns]
@@ -270,16 +292,42 @@ class ProcessRunner:
             sent = dataclasses.replace(job, chain=None if resident else job.chain.to("cpu"))
             self.traffic.chains += 0 if resident else 1
             per_worker[index % len(self._conns)].append((index, sent))
-        answers = self._exchange([("run", w, settings) if w else None for w in per_worker], progress, stop)
+        messages = [("run", w, settings) if w else None for w in per_worker]
+        self._send(messages)
+        self._in_flight = (messages, per_worker, [job.chain.index for job in jobs])
+
+    @property
+    def in_flight(self) -> bool:
+        return self._in_flight is not None
+
+    def collect(self, progress: Progress | None = None, stop: StopFlag | None = None,
+                block: bool = True) -> list[Chain] | None:
+        """The new chains of the submitted run, in the order of its jobs; without
+        ``block``, None while any worker is still busy."""
+        messages, per_worker, order = self._in_flight
+        try:
+            answers = self._answers(messages, progress, stop, block)
+        except BaseException:  # a failed or dead worker: the run is over
+            self._in_flight = None
+            raise
+        if answers is None:
+            return None
+        self._in_flight = None
         chains: dict[int, Chain] = {}
         for worker_jobs, states in zip(per_worker, answers):
             for (index, _), state in zip(worker_jobs, states or []):
                 chains[index] = Chain.from_state_dict(state).to(self.device)
         self._relay(progress, stop)
         self._resident.update(chains)
-        return [chains[job.chain.index] for job in jobs]
+        return [chains[index] for index in order]
 
     def close(self) -> None:
+        if self._in_flight is not None:  # stop the chains at their next step, drop the answers
+            self.stop_event.set()
+            try:
+                self.collect(block=True)
+            except RuntimeError:
+                pass
         for conn, process in zip(self._conns, self._processes):
             if process.is_alive():
                 try:

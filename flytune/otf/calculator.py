@@ -36,6 +36,7 @@ from flytune.data import labelled
 from flytune.otf import faults
 from flytune.otf.decision import Decision
 from flytune.otf.reference import Reference, ReferenceFailure
+from flytune.otf.rundir import label_record
 from flytune.otf.updates import UpdateSchedule
 
 
@@ -149,6 +150,10 @@ class OnTheFlyCalculator(Calculator):
         self.pending: list[PendingLabel] = []
         self.on_step, self.on_intervention, self.on_label = on_step, on_intervention, on_label
         self.on_update = on_update
+        #: (labels, reason, force call at its start, seconds its start took) of an update
+        #: running in the background
+        self._learning: tuple[list[Atoms], str, int, float] | None = None
+        self._due: str | None = None  # why an update is due once the background one finishes
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
 
@@ -173,6 +178,7 @@ class OnTheFlyCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         self.ensemble.data.check_composition(atoms, fix="start a new run for the new composition")
+        self.poll_update()
         self.state.force_calls += 1
         start = time.perf_counter()
         pred = self.ensemble.predict(atoms)
@@ -236,10 +242,24 @@ class OnTheFlyCalculator(Calculator):
             self.learn_pending(reason)
 
     def learn_pending(self, reason: str = "end of run") -> tuple[float, int]:
-        """Update the posterior on the labels waiting for it, now: (seconds, labels learned).
+        """Update the posterior on the labels waiting for it: (seconds the MD waited, labels
+        the update learns). With ``[updates] background`` the update starts in the worker
+        processes and the MD goes on (0 s; if one is running already, the labels wait for
+        it to finish); at the end of a run it waits for every update.
 
-        Raises :class:`UpdateInterrupted` when a stop arrives during the update and
-        :class:`ModelFailure` when it diverges."""
+        Raises :class:`UpdateInterrupted` when a stop arrives during a blocking update and
+        :class:`ModelFailure` when one diverges."""
+        if self.schedule.config.background and reason != "end of run":
+            if self.ensemble.learning:
+                self._due = reason
+                return 0.0, 0
+            labels = self.schedule.take()
+            if labels:
+                start = time.perf_counter()
+                self.ensemble.start_update(labels)  # waits only for the workers to start, the first time
+                self._learning = (labels, reason, self.state.force_calls, time.perf_counter() - start)
+            return 0.0, len(labels)
+        self.poll_update(block=True)
         labels = self.schedule.take()
         if not labels:
             return 0.0, 0
@@ -248,20 +268,43 @@ class OnTheFlyCalculator(Calculator):
         update_s = time.perf_counter() - start
         if any(chain.interrupted for chain in self.ensemble.chains):
             raise UpdateInterrupted
+        self._updated(reason, len(labels), update_s, update_s)
+        return update_s, len(labels)
+
+    def poll_update(self, block: bool = False) -> None:
+        """Swap in the chains of a background update that has finished (``block``: wait
+        for it), then start the next one if labels became due meanwhile."""
+        if not self.ensemble.learning:
+            return
+        start = time.perf_counter()
+        wall = self.ensemble.finish_update(block, self._update_progress, self.stop)
+        if wall is None:
+            return
+        if any(chain.interrupted for chain in self.ensemble.chains):
+            raise UpdateInterrupted
+        (labels, reason, started, submit_s), self._learning = self._learning, None
+        self._updated("background: " + reason, len(labels), submit_s + wall, submit_s + time.perf_counter() - start,
+                      started_force_call=started)
+        due, self._due = self._due, None
+        if due is not None and not block:
+            self.learn_pending(due)
+
+    def _updated(self, reason: str, learned: int, update_s: float, waited_s: float, **extra) -> None:
+        """Book an update of ``update_s`` seconds (wall, start to finish) during which the MD
+        waited ``waited_s``; ``extra`` goes into its record."""
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
                 "model.cycle_steps, then resume: the last checkpoint is from before this update"
             )
         self.schedule.updated(update_s)
-        self.state.time_update_s += update_s
+        self.state.time_update_s += waited_s
         self.state.updates += 1
         if self.on_update is not None:
             chain_steps = sum(chain.state.step for chain in self.ensemble.chains)
-            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
-                            "labels": len(self.ensemble.data), "update_s": update_s, "chain_steps": chain_steps,
-                            "s_per_chain_step": update_s / max(chain_steps, 1)})
-        return update_s, len(labels)
+            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": learned,
+                            "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
+                            "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1), **extra})
 
     def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str) -> dict | None:
         first = reason == "first"
@@ -287,6 +330,8 @@ class OnTheFlyCalculator(Calculator):
         faults.point("label-written")
         update = self.schedule.add(label, error_eV=error, reference_s=reference_s, first=first)
         update_s, learned = self.learn_pending(update) if update is not None else (0.0, 0)
+        if update is not None and self.schedule.config.background:
+            update = f"background: {update}" if learned else "deferred: an update is running"
         self.state.reference_calls += 1
         self.state.last_call = self.state.force_calls
         intervention = Intervention(
@@ -310,7 +355,10 @@ class OnTheFlyCalculator(Calculator):
             cache = {"positions": self.atoms.positions.tolist(), "cell": np.asarray(self.atoms.cell).tolist(),
                      "results": {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
                                  for k, v in self.results.items()}}
-        return {"state": asdict(self.state), "cache": cache, "schedule": self.schedule.state_dict()}
+        schedule = self.schedule.state_dict()
+        if self._learning is not None:  # not in the checkpoint's data: waiting again on resume
+            schedule["pending"] = [label_record(a) for a in self._learning[0]] + schedule["pending"]
+        return {"state": asdict(self.state), "cache": cache, "schedule": schedule}
 
     def load_state_dict(self, state: dict, atoms: Atoms) -> None:
         """Restore counters, the labels waiting for an update and the result cache for

@@ -346,7 +346,7 @@ class OnTheFlyRun:
                     on_progress(self)
                 if stopped:
                     break
-            if self.dyn.nsteps >= total and self.calc.schedule.pending:
+            if self.dyn.nsteps >= total and (self.calc.schedule.pending or self.ensemble.learning):
                 self.calc.learn_pending("end of run")  # model.pt learns every label
         except (ReferenceFailure, ModelFailure) as exc:
             kind = "reference failure" if isinstance(exc, ReferenceFailure) else "model failure"

@@ -8,7 +8,8 @@ makes the ensemble learn it (method §4), which costs far more than a prediction
 ``policy = "deferred"`` keeps the labels in a queue and updates, learning all of them in
 one cycle per chain, at the first of:
 
-1. ``first``: the first label of a run (it also measures what an update costs);
+1. ``first``: the first label of a run (it also measures what an update costs; until
+   that measurement exists, rule 4 waits);
 2. ``critical``: a label whose error |e| > ``critical_factor``·ε (the ensemble is badly
    wrong here; refit now);
 3. ``max pending``: ``max_pending`` labels wait;
@@ -19,6 +20,11 @@ Rule 4 is the ski-rental rule: while the ensemble has not learned the new labels
 keeps asking for calls nearby, each costing t_ref ("renting"), and an update that ends
 them costs t_upd ("buying"). Buying once the rent paid equals the price spends at most
 twice what the best schedule in hindsight would have spent.
+
+``background = true`` changes where an update runs, not when it is due: it starts in
+the worker processes and the MD continues on the current ensemble
+(:meth:`flytune.otf.calculator.OnTheFlyCalculator.poll_update` swaps the new chains in);
+labels that fall due while one runs wait for it to finish.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class ScheduleState:
     reference_s: float = 0.0  # reference wall time since the last update
     last_update_s: float | None = None  # wall time of the last update: the expected cost of the next
     pending: list[Atoms] = field(default_factory=list)  # labels not yet learned, oldest first
+    started: bool = False  # an update has been started (the first label's)
 
 
 class UpdateSchedule:
@@ -61,19 +68,20 @@ class UpdateSchedule:
         s.reference_s += reference_s
         if c.policy == "every":
             return "every"
-        if first or s.last_update_s is None:
+        if first or not s.started:
             return "first"
         if abs(error_eV) > c.critical_factor * self.threshold_eV:
             return "critical"
         if len(s.pending) >= c.max_pending:
             return "max pending"
-        if s.reference_s >= s.last_update_s:
+        if s.last_update_s is not None and s.reference_s >= s.last_update_s:  # none measured yet: wait
             return "cost"
         return None
 
     def take(self) -> list[Atoms]:
         """The pending labels, for the update that starts now."""
         labels, self.state.pending = self.state.pending, []
+        self.state.started = True
         return labels
 
     def updated(self, update_s: float) -> None:
@@ -83,9 +91,10 @@ class UpdateSchedule:
 
     def state_dict(self) -> dict:
         s = self.state
-        return {"reference_s": s.reference_s, "last_update_s": s.last_update_s,
+        return {"reference_s": s.reference_s, "last_update_s": s.last_update_s, "started": s.started,
                 "pending": [label_record(a) for a in s.pending]}
 
     def load_state_dict(self, state: dict) -> None:
         pending = [label_from_record(r) for r in state.get("pending", [])]
-        self.state = ScheduleState(state.get("reference_s", 0.0), state.get("last_update_s"), pending)
+        self.state = ScheduleState(state.get("reference_s", 0.0), state.get("last_update_s"), pending,
+                                   state.get("started", state.get("last_update_s") is not None))
