@@ -213,7 +213,7 @@ def main() -> None:
     result = otf_result(summary, run_dir, plots, args.ps)
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
-        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates=args.updates,
+        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates,
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )
