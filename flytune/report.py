@@ -120,7 +120,8 @@ def summarize_run(run: RunLog) -> dict:
             if run.interventions else None
         ),
         "time_reference_s": float(sum(r["reference_s"] for r in run.interventions)),
-        "time_update_s": float(sum(r["update_s"] for r in run.updates or run.interventions)),
+        # the time the MD waited for updates (a background update overlaps the MD)
+        "time_update_s": float(sum(r.get("waited_s", r["update_s"]) for r in run.updates or run.interventions)),
     }
     wall_s = run.summary.get("wall_s") if run.summary else None
     out.update(cost_figures(run.steps, run.interventions, run.updates, wall_s))
