@@ -94,6 +94,9 @@ def test_parallel_and_sequential_chains_agree(ethanol_frames):
             ens.update(ethanol_frames[4:5])
         assert traffic.chains == 4
         assert_same_chains(sequential, parallel)
+        # each chain's compute time, measured where it ran, comes back with it and survives a checkpoint
+        for ens in (sequential, parallel):
+            assert all(c.run_s > 0 and Chain.from_state_dict(c.state_dict()).run_s == c.run_s for c in ens.chains)
 
 
 def test_worker_failure_is_reported(ethanol_frames):

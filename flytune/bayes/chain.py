@@ -10,6 +10,7 @@ identical results for the same seeds.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -56,6 +57,9 @@ class Chain:
     #: True when the last run was stopped before its schedule ended
     interrupted: bool = False
     noise_rng_state: torch.Tensor | None = None
+    #: wall seconds of the last run, measured where the chain ran (a worker's compute,
+    #: without the transfers to and from it)
+    run_s: float = 0.0
 
     @classmethod
     def start(cls, index: int, params: Params, seed: int) -> Chain:
@@ -70,6 +74,7 @@ class Chain:
             "rng_state": self.rng_state,
             "samples": self.samples,
             "interrupted": self.interrupted,
+            "run_s": self.run_s,
         }
         if self.noise_rng_state is not None:
             state["noise_rng_state"] = self.noise_rng_state
@@ -91,6 +96,7 @@ class Chain:
             samples=[dict(s) for s in state["samples"]],
             interrupted=bool(state["interrupted"]),
             noise_rng_state=None if noise is None else noise.cpu(),
+            run_s=float(state.get("run_s", 0.0)),
         )
 
 
@@ -152,6 +158,7 @@ def run_chain(
     Nothing in a step waits for an accelerator except progress reports (every
     :data:`DEVICE_LOG_EVERY` steps there) and the early-stop test (once per window).
     """
+    started = time.perf_counter()
     chain, schedule = job.chain, job.schedule
     num_data = len(data)
     if num_data == 0:
@@ -209,5 +216,5 @@ def run_chain(
     state.aux = None
     return Chain(
         chain.index, state, draws.get_state(), samples, interrupted,
-        noise_rng_state=None if noise is draws else noise.get_state(),
+        noise_rng_state=None if noise is draws else noise.get_state(), run_s=time.perf_counter() - started,
     )

@@ -301,10 +301,14 @@ class OnTheFlyCalculator(Calculator):
         self.state.time_update_s += waited_s
         self.state.updates += 1
         if self.on_update is not None:
-            chain_steps = sum(chain.state.step for chain in self.ensemble.chains)
+            chains = self.ensemble.chains
+            chain_steps = sum(chain.state.step for chain in chains)
+            workers = max(1, self.ensemble.config.workers)
+            worker_s = max(sum(c.run_s for c in chains if c.index % workers == w) for w in range(workers))
             self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": learned,
                             "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
-                            "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1), **extra})
+                            "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
+                            "worker_s": worker_s, "overhead_s": update_s - worker_s, **extra})
 
     def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str) -> dict | None:
         first = reason == "first"
