@@ -241,8 +241,8 @@ def test_run_directory_contents(uninterrupted):
     assert summary["time_update_s"] == pytest.approx(sum(u["update_s"] for u in updates))
     assert all(u["chain_steps"] == 2 * 12 and u["s_per_chain_step"] > 0 for u in updates)
     # the split of an update's wall time: the chains' own compute (measured where they ran) and the rest
-    assert all(0 < u["worker_s"] <= u["update_s"] and u["overhead_s"] == pytest.approx(u["update_s"] - u["worker_s"])
-               for u in updates)
+    assert all(0 < u["worker_s"] <= u["update_s"] for u in updates)
+    assert all(u["overhead_s"] == pytest.approx(u["update_s"] - u["worker_s"]) for u in updates)
     assert summary["steps_uncontrolled"] == 0 and summary["uncontrolled_by_cause"] == {}
     t_ref = sorted(json.loads(line)["reference_s"] for line in (rd / "interventions.jsonl").read_text().splitlines())
     assert summary["median_reference_s"] == pytest.approx(float(np.median(t_ref)))

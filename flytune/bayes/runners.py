@@ -78,6 +78,11 @@ class SequentialRunner:
 
 
 # -- worker processes ------------------------------------------------------------------
+def worker_of(chain_index: int, workers: int) -> int:
+    """The worker that runs chain ``chain_index``: chain m always runs in worker m mod ``workers``."""
+    return chain_index % max(1, workers)
+
+
 def worker_devices(device: str, workers: int) -> list[str]:
     """Device of each worker: ``"cuda"`` spreads workers over the visible GPUs in turn."""
     if device == "cuda" and torch.cuda.device_count() > 1:
@@ -291,7 +296,7 @@ class ProcessRunner:
             resident = self._resident.get(index) is job.chain
             sent = dataclasses.replace(job, chain=None if resident else job.chain.to("cpu"))
             self.traffic.chains += 0 if resident else 1
-            per_worker[index % len(self._conns)].append((index, sent))
+            per_worker[worker_of(index, len(self._conns))].append((index, sent))
         messages = [("run", w, settings) if w else None for w in per_worker]
         self._send(messages)
         self._in_flight = (messages, per_worker, [job.chain.index for job in jobs])

@@ -31,6 +31,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from flytune.bayes.calibration import Calibrator
 from flytune.bayes.chain import Progress
 from flytune.bayes.ensemble import Ensemble
+from flytune.bayes.runners import worker_of
 from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
@@ -303,8 +304,8 @@ class OnTheFlyCalculator(Calculator):
         if self.on_update is not None:
             chains = self.ensemble.chains
             chain_steps = sum(chain.state.step for chain in chains)
-            workers = max(1, self.ensemble.config.workers)
-            worker_s = max(sum(c.run_s for c in chains if c.index % workers == w) for w in range(workers))
+            workers = max(1, self.ensemble.config.workers)  # the longest worker's compute:
+            worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
             self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": learned,
                             "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
                             "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
