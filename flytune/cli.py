@@ -174,6 +174,18 @@ def run_cmd(
     print_summary(summary, cfg.run_dir)
 
 
+def _why_called(summary: dict) -> str:
+    """Why the rule called: ' (first 1, probability 7, 5 of them raised by the label misfit)'."""
+    reasons = summary.get("calls_by_reason") or {}
+    if not reasons:
+        return ""
+    parts = [f"{reason} {n}" for reason, n in reasons.items()]
+    by_misfit = summary.get("calls_by_label_misfit") or 0
+    if by_misfit:
+        parts.append(f"{by_misfit} of them raised by the label misfit")
+    return " (" + ", ".join(parts) + ")"
+
+
 def print_summary(summary: dict, run_dir: str) -> None:
     from flytune.otf.run import uncontrolled_line
 
@@ -185,7 +197,7 @@ def print_summary(summary: dict, run_dir: str) -> None:
         console.print(f"[bold red]warning:[/] {warning}", highlight=False, soft_wrap=True)
     console.print(
         f"{run_dir}: {summary['steps']} MD steps ({summary['simulated_ps']:.3f} ps), "
-        f"{summary['reference_calls']} reference calls, "
+        f"{summary['reference_calls']} reference calls{_why_called(summary)}, "
         f"{fmt(summary['exceed_fraction'] and 100 * summary['exceed_fraction'], '.1f')} % of interventions above ε, "
         f"RMSE at interventions {fmt(summary['rmse_at_interventions_kcal'], '.3f')} kcal/mol; "
         f"wall time: MD {summary['time_md_s']:.0f} s, reference {summary['time_reference_s']:.0f} s, "

@@ -80,6 +80,11 @@ class UncertaintyConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="call the reference when P(|e|>ε) > 1 − confidence")
     calibration_shape: PositiveFloat | None = Field(None, description="a of the Gamma prior; 3 NequIP, 1.5 MACE")
     calibration_rate: PositiveFloat | None = Field(None, description="b of the Gamma prior; 10")
+    label_misfit: bool = Field(
+        True, description="raise the decision's σ by how far the updated ensemble misses its newest label "
+        "(energy and forces, carried to first order to later structures) beyond σ_E; false: the published "
+        "rule, the ensemble's σ alone",
+    )
 
     @property
     def threshold_eV(self) -> float:

@@ -41,6 +41,7 @@ density_fit = true
 threshold = 0.5                # ε
 threshold_unit = "kcal/mol"    # or "eV"
 confidence = 0.95              # call the reference when P(|e| > ε) > 5 %
+label_misfit = true            # σ also counts how far the members miss their newest label
 
 [md]
 driver = "langevin"            # langevin | verlet | nose-hoover | npt

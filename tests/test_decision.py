@@ -1,10 +1,11 @@
 """The call decision: calibrated probability, confidence and safety nets, in their order."""
 
+import numpy as np
 import pytest
 
 from flytune.bayes.calibration import Calibrator
 from flytune.config import SafetyConfig
-from flytune.otf.decision import Decision
+from flytune.otf.decision import Decision, LabelMisfit, trusted_sigma
 
 
 def worked_example(safety=None) -> Decision:
@@ -59,3 +60,57 @@ def test_invalid_settings(bad):
     settings = dict(threshold_eV=0.5, confidence=0.95) | bad
     with pytest.raises(ValueError):
         Decision(Calibrator(), **settings)
+
+
+def test_trusted_sigma_adds_only_the_misfit_beyond_the_energy_noise():
+    """σ_t² = σ² + max(0, r² − σ_E²): a misfit within σ_E leaves σ as it is (the published
+    rule), a larger one raises the noise term from σ_E² to r²."""
+    sigma_energy, spread = 0.02, 0.005
+    sigma = (spread**2 + sigma_energy**2) ** 0.5
+    assert trusted_sigma(sigma, sigma_energy, 0.0) == sigma
+    assert trusted_sigma(sigma, sigma_energy, 0.019) == sigma
+    assert trusted_sigma(sigma, sigma_energy, 0.3) == pytest.approx((spread**2 + 0.3**2) ** 0.5, rel=1e-12)
+    assert trusted_sigma([sigma, 1.0], sigma_energy, 0.3) == pytest.approx(
+        [(spread**2 + 0.09) ** 0.5, (1.0 + 0.09 - sigma_energy**2) ** 0.5], rel=1e-12)
+
+
+def test_a_misfit_above_the_switch_over_makes_the_rule_call():
+    """The worked example's σ = 0.10 eV is confident; the same σ with a label misfit of
+    0.2 eV (the members miss what they learned) is not."""
+    d = worked_example()
+    assert not d.decide(0.10, labels=5, since_call=7, reference_calls=5).call
+    assert d.decide(float(trusted_sigma(0.10, 0.05, 0.2)), labels=5, since_call=7, reference_calls=5).call
+
+
+def test_label_misfit_follows_the_residual_to_first_order():
+    """With a Lennard-Jones "ensemble" and EMT as the reference on a Cu cell, r(x) from the
+    label's residual matches the true |d(x)| = |Ê − E_ref − Δ| to second order in the
+    displacement; wrapping an atom into the cell does not change it."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.lj import LennardJones
+
+    from flytune.data import labelled
+
+    def residual(atoms, offset):
+        model, ref = atoms.copy(), atoms.copy()
+        model.calc, ref.calc = LennardJones(sigma=2.3, epsilon=0.4, rc=5.0), EMT()
+        return model.get_potential_energy() - ref.get_potential_energy() - offset, model.get_forces(), ref
+
+    base = bulk("Cu", "fcc", a=3.6, cubic=True)
+    base.rattle(0.05, seed=1)
+    offset = 0.3
+    d_label, forces, ref = residual(base, offset)
+    label = labelled(base, ref.get_potential_energy(), ref.get_forces())
+    misfit = LabelMisfit.measure(label, d_label + offset + ref.get_potential_energy(), forces, offset)
+    assert misfit.at(base) == pytest.approx(abs(d_label), rel=1e-12)
+    direction = np.random.default_rng(0).normal(size=(len(base), 3))
+    gaps = []
+    for step in (0.02, 0.01):
+        moved = base.copy()
+        moved.positions += step * direction
+        gaps.append(abs(misfit.at(moved) - abs(residual(moved, offset)[0])))
+    assert gaps[1] < 0.35 * gaps[0]  # the remainder is second order
+    moved.positions[0] -= moved.cell[0]  # the same structure, an atom one cell away
+    assert misfit.at(moved) == pytest.approx(abs(residual(moved, offset)[0]), abs=gaps[1] * 1.01)
+    assert LabelMisfit.from_state_dict(misfit.state_dict()).at(moved) == misfit.at(moved)

@@ -175,6 +175,71 @@ def test_a_call_cap_that_blocks_the_rule_is_counted_per_step(workdir):
     assert calc.state.uncontrolled == {"call cap": len(marked)}
 
 
+@pytest.mark.parametrize("label_misfit", [False, True])
+def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_misfit):
+    """Two chains of 12 steps cannot fit or spread: after the first label the members miss
+    it by more than σ_E and agree with each other, so σ ≈ σ_E. The published rule
+    (``label_misfit = false``) then never calls again while the errors exceed ε; with the
+    misfit in σ (:func:`trusted_sigma`, :class:`LabelMisfit`) every step with |e| > ε is
+    called, and each step's σ is the ensemble's with the misfit of the newest label."""
+    from ase import Atoms
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    from flytune.otf.decision import trusted_sigma
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV", label_misfit=label_misfit), seed=0,
+    )
+    rows, misfits, raw = [], [], {}
+
+    def on_update(record):  # the energy misfit at the newest label, recomputed here
+        label = ensemble.data.structures[-1]
+        target = label.get_potential_energy() + ensemble.data.energy_offset
+        misfits.append((record["label_misfit_eV"], abs(float(ensemble.predict(label).energy[0]) - target)))
+
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"), on_step=rows.append,
+                              on_update=on_update)
+    predict = ensemble.predict
+
+    def spy(structures, **kwargs):  # the ensemble's own σ at each force call, and the misfit then
+        out = predict(structures, **kwargs)
+        if isinstance(structures, Atoms) and calc.state.force_calls not in raw:
+            raw[calc.state.force_calls] = (structures.copy(), float(out.energy_std[0]), calc.misfit)
+        return out
+
+    ensemble.predict = spy
+    atoms = read(workdir / "cu4.xyz")
+    MaxwellBoltzmannDistribution(atoms, temperature_K=500, rng=np.random.default_rng(0))
+    atoms.calc = calc
+    errors = []
+
+    def score():
+        used = atoms.get_potential_energy()  # (the first call sets the offset)
+        emt = atoms.copy()
+        emt.calc = EMT()
+        errors.append(abs(emt.get_potential_energy() + ensemble.data.energy_offset - used))
+
+    dyn = VelocityVerlet(atoms, 2 * units.fs)
+    score()
+    dyn.attach(score, interval=1)
+    dyn.run(8)
+    called = [r["reference_called"] for r in rows]
+    uncalled_errors = [e for e, c in zip(errors, called) if not c]
+    for recorded, recomputed in misfits:
+        assert recorded == pytest.approx(recomputed, rel=1e-6)
+    assert misfits[0][0] > ensemble.model.energy_sigma  # the first update missed its own label by > σ_E
+    if not label_misfit:
+        assert called == [True] + [False] * 8  # blind: one call, then none
+        assert max(uncalled_errors) > 0.05  # while the errors exceed ε
+    else:
+        assert sum(called) >= 3 and all(e <= 0.05 for e in uncalled_errors)
+        for row in rows[1:]:
+            structure, sigma, misfit = raw[row["force_call"]]
+            expected = trusted_sigma(sigma, ensemble.model.energy_sigma, misfit.at(structure))
+            assert row["energy_std_eV"] == pytest.approx(float(expected), rel=1e-9)
+
+
 def test_stress_is_declared_only_for_periodic_structures(workdir):
     """A molecule: `get_stress()` is refused up front with a message that says why, before
     any prediction or reference call; a periodic cell has stress."""
@@ -627,7 +692,7 @@ def test_init_writes_a_valid_commented_config_and_status_prints(workdir, uninter
     main()
     out = capsys.readouterr()
     assert json.loads(out.out)["steps"] == 15
-    assert "reference calls" in out.err
+    assert "reference calls (first 1, " in out.err  # and why the rule made them
 
 
 def test_calculator_under_an_optimiser_and_neb(workdir):

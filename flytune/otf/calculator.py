@@ -11,7 +11,8 @@ from being made is *uncontrolled*: it is counted and named.
 
 Properties: ``energy``, ``free_energy``, ``forces``, and ``stress`` for structures
 periodic in all three directions. Extra results readable from ``calc.results``:
-``energy_std`` (eV), ``prob_exceed``, ``reference_called``, ``uncontrolled`` (why the
+``energy_std`` (eV: the σ the decision used, the ensemble's with the label misfit of
+:func:`flytune.otf.decision.trusted_sigma`), ``prob_exceed``, ``reference_called``, ``uncontrolled`` (why the
 step ran without the call the rule asked for; empty if it did not).
 """
 
@@ -35,7 +36,7 @@ from flytune.bayes.runners import worker_of
 from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
-from flytune.otf.decision import Decision
+from flytune.otf.decision import Decision, LabelMisfit, trusted_sigma
 from flytune.otf.reference import Reference, ReferenceFailure
 from flytune.otf.rundir import label_record
 from flytune.otf.updates import UpdateSchedule
@@ -69,6 +70,9 @@ class Intervention:
     update_s: float  # 0 when the update was deferred
     first: bool = False
     reason: str = "first"  # why the reference was called (see flytune.otf.decision.Verdict)
+    label_misfit: float = 0.0  # r (eV) in σ here (flytune.otf.decision.LabelMisfit)
+    #: called because r raised σ: with the ensemble's σ alone P(|e| > ε) was below the level
+    by_misfit: bool = False
     #: why the posterior update ran right after this call (flytune.otf.updates), or "deferred"
     update: str = "every"
     labels_learned: int = 1  # labels that update learned (this one and those deferred before it)
@@ -155,6 +159,7 @@ class OnTheFlyCalculator(Calculator):
         #: running in the background
         self._learning: tuple[list[Atoms], str, int, float] | None = None
         self._due: str | None = None  # why an update is due once the background one finishes
+        self.misfit: LabelMisfit | None = None  # of the newest label the last update learned
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
 
@@ -187,6 +192,8 @@ class OnTheFlyCalculator(Calculator):
         self.state.time_predict_s += predict_s
         energy, sigma = float(pred.energy[0]), float(pred.energy_std[0])
         st = self.state
+        misfit = self.misfit.at(atoms) if self.misfit is not None and self.ensemble.uncertainty.label_misfit else 0.0
+        ensemble_sigma, sigma = sigma, float(trusted_sigma(sigma, self.ensemble.model.energy_sigma, misfit))
         verdict = self.decision.decide(
             sigma, labels=len(self.ensemble.data) + len(self.schedule.pending), reference_calls=st.reference_calls,
             since_call=st.force_calls - st.last_call if st.last_call is not None else st.force_calls,
@@ -197,7 +204,9 @@ class OnTheFlyCalculator(Calculator):
         if pred.stress is not None and atoms.pbc.all():
             results["stress"] = pred.stress[0]
         if verdict.call:
-            reference = self._label(atoms, energy, sigma, verdict.prob_exceed, verdict.reason)
+            by_misfit = (verdict.reason == "probability" and sigma > ensemble_sigma
+                         and self.decision.prob_exceed(ensemble_sigma) <= 1.0 - self.decision.confidence)
+            reference = self._label(atoms, energy, sigma, verdict.prob_exceed, verdict.reason, misfit, by_misfit)
             if reference is not None:
                 results, called = reference, True
             else:
@@ -269,7 +278,7 @@ class OnTheFlyCalculator(Calculator):
         update_s = time.perf_counter() - start
         if any(chain.interrupted for chain in self.ensemble.chains):
             raise UpdateInterrupted
-        self._updated(reason, len(labels), update_s, update_s)
+        self._updated(reason, labels, update_s, update_s)
         return update_s, len(labels)
 
     def poll_update(self, block: bool = False) -> None:
@@ -284,34 +293,44 @@ class OnTheFlyCalculator(Calculator):
         if any(chain.interrupted for chain in self.ensemble.chains):
             raise UpdateInterrupted
         (labels, reason, started, submit_s), self._learning = self._learning, None
-        self._updated("background: " + reason, len(labels), submit_s + wall, submit_s + time.perf_counter() - start,
+        self._updated("background: " + reason, labels, submit_s + wall, submit_s + time.perf_counter() - start,
                       started_force_call=started)
         due, self._due = self._due, None
         if due is not None and not block:
             self.learn_pending(due)
 
-    def _updated(self, reason: str, learned: int, update_s: float, waited_s: float, **extra) -> None:
-        """Book an update of ``update_s`` seconds (wall, start to finish) during which the MD
-        waited ``waited_s``; ``extra`` goes into its record."""
+    def _updated(self, reason: str, labels: list[Atoms], update_s: float, waited_s: float, **extra) -> None:
+        """Book an update of ``update_s`` seconds (wall, start to finish) that learned
+        ``labels`` and during which the MD waited ``waited_s``; measure the updated
+        ensemble's misfit at the newest of them; ``extra`` goes into its record."""
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
                 "model.cycle_steps, then resume: the last checkpoint is from before this update"
             )
+        start = time.perf_counter()
+        newest = labels[-1]
+        pred = self.ensemble.predict(newest)
+        self.misfit = LabelMisfit.measure(newest, float(pred.energy[0]), pred.forces, self.ensemble.data.energy_offset)
+        self.state.time_predict_s += time.perf_counter() - start
         self.schedule.updated(update_s)
         self.state.time_update_s += waited_s
         self.state.updates += 1
         if self.on_update is not None:
+            residual = self.misfit.force_residual_eV_A
             chains = self.ensemble.chains
             chain_steps = sum(chain.state.step for chain in chains)
             workers = max(1, self.ensemble.config.workers)  # the longest worker's compute:
             worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
-            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": learned,
+            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
                             "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
                             "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
-                            "worker_s": worker_s, "overhead_s": update_s - worker_s, **extra})
+                            "worker_s": worker_s, "overhead_s": update_s - worker_s,
+                            "label_misfit_eV": abs(self.misfit.energy_residual_eV),
+                            "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))), **extra})
 
-    def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str) -> dict | None:
+    def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str,
+               misfit: float = 0.0, by_misfit: bool = False) -> dict | None:
         first = reason == "first"
         try:
             label, reference_s, replayed = self._reference_result(atoms)
@@ -344,7 +363,8 @@ class OnTheFlyCalculator(Calculator):
             energy_ref_raw=raw, energy_ref=raw + offset, error=error, calibrated_std=calibrated,
             shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
             reference_s=reference_s, update_s=update_s, first=first, reason=reason,
-            update=update or "deferred", labels_learned=learned,
+            update=update or "deferred", labels_learned=learned, label_misfit=misfit,
+            by_misfit=by_misfit,
         )
         if self.on_intervention is not None:
             self.on_intervention(label, intervention)
@@ -363,13 +383,16 @@ class OnTheFlyCalculator(Calculator):
         schedule = self.schedule.state_dict()
         if self._learning is not None:  # not in the checkpoint's data: waiting again on resume
             schedule["pending"] = [label_record(a) for a in self._learning[0]] + schedule["pending"]
-        return {"state": asdict(self.state), "cache": cache, "schedule": schedule}
+        misfit = self.misfit.state_dict() if self.misfit is not None else None
+        return {"state": asdict(self.state), "cache": cache, "schedule": schedule, "misfit": misfit}
 
     def load_state_dict(self, state: dict, atoms: Atoms) -> None:
         """Restore counters, the labels waiting for an update and the result cache for
         ``atoms`` (so no extra call happens)."""
         self.state = CalculatorState(**state["state"])
         self.schedule.load_state_dict(state.get("schedule", {}))
+        misfit = state.get("misfit")
+        self.misfit = LabelMisfit.from_state_dict(misfit) if misfit is not None else None
         cache = state.get("cache")
         if cache is not None:
             self.atoms = atoms.copy()

@@ -17,14 +17,89 @@ and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). I
 
 After a call, the error e = E_ref + Δ − Ê and the σ predicted *before* the update
 update the calibration (:meth:`Decision.observe`).
+
+The σ the rule uses (:func:`trusted_sigma`) is the ensemble's, with its noise term
+raised to what the members miss their newest label by (:class:`LabelMisfit`), when that
+is more than the likelihood's σ_E.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+from ase.geometry import find_mic
+
 from flytune.bayes.calibration import Calibrator
 from flytune.config import SafetyConfig
+
+
+def trusted_sigma(sigma, sigma_energy: float, misfit: float):
+    r"""The energy std (eV) that the decision trusts, from the ensemble's σ (eV), the
+    likelihood's energy noise σ_E (eV) and the label misfit r (eV) at the structure
+    (:class:`LabelMisfit`):
+
+        σ_t² = σ² + max(0, r² − σ_E²) = Var_m(μ_m) + max(σ_E², r²).
+
+    Members drawn from the posterior reproduce their labels, energies and forces, to
+    about their noise, so r ≤ σ_E and σ_t = σ: the published rule. Members that are not
+    posterior samples (chains too short to fit or to spread: every member drifts the same
+    way, and the spread stays near zero) miss what they learned, r ≫ σ_E, and the rule
+    then trusts their σ no further than that miss; with σ ≈ σ_E alone it would stay silent
+    however large the errors grow.
+    """
+    sigma = np.asarray(sigma, dtype=float)
+    excess = max(0.0, float(misfit) ** 2 - float(sigma_energy) ** 2)
+    result = np.sqrt(sigma**2 + excess)
+    return result[()] if result.ndim == 0 else result
+
+
+@dataclass
+class LabelMisfit:
+    r"""How the updated ensemble misses its newest label L, carried to nearby structures
+    to first order in the displacement Δx = x − x_L (minimum image in periodic cells):
+
+        d(x) ≈ d_L − ΔF_L · Δx,    d = Ê − (E_ref + Δ) (eV),   ΔF = F̂ − F_ref (eV/Å),
+
+    since F = −∂E/∂x for both the members' mean and the reference. ``r(x) = |d(x)|`` is
+    the misfit that :func:`trusted_sigma` adds to σ: it grows with the distance from the
+    label at the rate of the force residual that the update left, and is ≈ 0 when the
+    update learned the label's energy and forces. It cannot foresee what a first-order
+    expansion misses (a bond breaking far from every label): there the ensemble's spread
+    has to speak.
+    """
+
+    positions: np.ndarray  # x_L, Å, (n, 3)
+    cell: np.ndarray  # (3, 3), Å
+    pbc: np.ndarray  # (3,) bool
+    energy_residual_eV: float  # d_L
+    force_residual_eV_A: np.ndarray  # ΔF_L, (n, 3)
+
+    @classmethod
+    def measure(cls, label, energy_eV: float, forces_eV_A: np.ndarray, energy_offset_eV: float) -> LabelMisfit:
+        """From a labelled structure (raw reference energy and forces, as the data holds
+        them: before any constraint such as the MD's FixCom) and the updated ensemble's
+        mean energy and forces there."""
+        return cls(np.array(label.positions), np.array(label.cell), np.array(label.pbc),
+                   float(energy_eV - (label.get_potential_energy() + energy_offset_eV)),
+                   np.asarray(forces_eV_A, dtype=float) - label.get_forces(apply_constraint=False))
+
+    def at(self, atoms) -> float:
+        """r(x) (eV) at ``atoms`` (same atoms as the label)."""
+        displacement = atoms.positions - self.positions
+        if self.pbc.any():
+            displacement, _ = find_mic(displacement, self.cell, self.pbc)
+        return abs(self.energy_residual_eV - float(np.sum(self.force_residual_eV_A * displacement)))
+
+    def state_dict(self) -> dict:
+        return {"positions": self.positions.tolist(), "cell": self.cell.tolist(), "pbc": self.pbc.tolist(),
+                "energy_residual_eV": self.energy_residual_eV,
+                "force_residual_eV_A": self.force_residual_eV_A.tolist()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LabelMisfit:
+        return cls(np.array(state["positions"]), np.array(state["cell"]), np.array(state["pbc"], dtype=bool),
+                   float(state["energy_residual_eV"]), np.array(state["force_residual_eV_A"]))
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -327,7 +328,10 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
       the run was than the reference doing every step;
     - ``reference_over_prediction`` = median t_ref / median t_pred: the limit of that
       speed-up (one ensemble prediction per step instead of one reference call);
-    - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates.
+    - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates;
+    - ``calls_by_reason`` (first, probability, forced) and ``calls_by_label_misfit``: the
+      probability calls that the label misfit caused (with the ensemble's σ alone, P was
+      below the level; :func:`flytune.otf.decision.trusted_sigma`).
 
     t_ref counts calls made in this run directory (a label replayed on resume costs 0).
     """
@@ -345,6 +349,9 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
     return {
         "steps_uncontrolled": len(causes),
         "uncontrolled_by_cause": by_cause,
+        "calls_by_reason": dict(Counter(r.get("reason", "first" if r.get("first") else "probability")
+                                        for r in interventions)),
+        "calls_by_label_misfit": sum(bool(r.get("by_misfit")) for r in interventions),
         "speedup_vs_reference_md": md_steps * median_ref / wall_s if median_ref and wall_s else None,
         "reference_over_prediction": median_ref / float(np.median(t_pred)) if median_ref and t_pred.size else None,
         "median_reference_s": median_ref,
