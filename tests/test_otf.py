@@ -240,6 +240,33 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
             assert row["energy_std_eV"] == pytest.approx(float(expected), rel=1e-9)
 
 
+def test_a_deferred_label_sets_the_misfit_from_the_prediction_it_corrected(workdir):
+    """With the update deferred, the members that missed a label go on predicting: the
+    misfit is that prediction's, at once (d_L = −error), and a later update replaces it."""
+    from flytune.config import UpdatesConfig
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV"), seed=0,
+    )
+    interventions, updates = [], []
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              updates=UpdatesConfig(policy="deferred", max_pending=3, critical_factor=1e6),
+                              on_intervention=lambda label, iv: interventions.append((label, iv, calc.misfit)),
+                              on_update=updates.append)
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(8)
+    deferred = [(label, iv, m) for label, iv, m in interventions if iv.update == "deferred"]
+    assert deferred and len(updates) >= 2  # the first label's update, then one for 3 pending labels
+    for label, iv, misfit in deferred:
+        assert np.array_equal(misfit.positions, label.positions)
+        assert misfit.energy_residual_eV == pytest.approx(-iv.error, abs=1e-12)
+    learned = [m for _, iv, m in interventions if iv.update != "deferred"][1:]
+    assert learned and all(abs(m.energy_residual_eV) == pytest.approx(u["label_misfit_eV"])
+                           for m, u in zip(learned, updates[1:]))
+
+
 def test_stress_is_declared_only_for_periodic_structures(workdir):
     """A molecule: `get_stress()` is refused up front with a message that says why, before
     any prediction or reference call; a periodic cell has stress."""
@@ -548,6 +575,17 @@ def test_reference_failure_skip_policy(workdir):
     summary = run(load_run_config(path), log=lambda m: None)
     assert summary["steps"] == 15 and summary["reference_calls"] == 2
     assert summary["skipped_reference_failures"] >= 1
+
+
+def test_the_published_rule_is_named_when_chosen(workdir):
+    """``label_misfit = false`` is allowed (to reproduce the paper) but said at the start;
+    the summary counts the calls by reason either way."""
+    path = write_config(workdir, "published", steps=2, **{"threshold = 0.05": "threshold = 0.05\nlabel_misfit = false"})
+    logs = []
+    summary = run(load_run_config(path), log=logs.append)
+    assert any("label_misfit = false" in line and "published rule" in line for line in logs)
+    assert summary["calls_by_reason"]["first"] == 1 and summary["calls_by_label_misfit"] == 0
+    assert sum(summary["calls_by_reason"].values()) == summary["reference_calls"]
 
 
 # -- configuration ---------------------------------------------------------------------

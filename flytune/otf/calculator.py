@@ -159,7 +159,7 @@ class OnTheFlyCalculator(Calculator):
         #: running in the background
         self._learning: tuple[list[Atoms], str, int, float] | None = None
         self._due: str | None = None  # why an update is due once the background one finishes
-        self.misfit: LabelMisfit | None = None  # of the newest label the last update learned
+        self.misfit: LabelMisfit | None = None  # of the members that predict now, at the newest label
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
 
@@ -206,7 +206,8 @@ class OnTheFlyCalculator(Calculator):
         if verdict.call:
             by_misfit = (verdict.reason == "probability" and sigma > ensemble_sigma
                          and self.decision.prob_exceed(ensemble_sigma) <= 1.0 - self.decision.confidence)
-            reference = self._label(atoms, energy, sigma, verdict.prob_exceed, verdict.reason, misfit, by_misfit)
+            reference = self._label(atoms, energy, pred.forces, sigma, verdict.prob_exceed, verdict.reason, misfit,
+                                    by_misfit)
             if reference is not None:
                 results, called = reference, True
             else:
@@ -302,14 +303,15 @@ class OnTheFlyCalculator(Calculator):
     def _updated(self, reason: str, labels: list[Atoms], update_s: float, waited_s: float, **extra) -> None:
         """Book an update of ``update_s`` seconds (wall, start to finish) that learned
         ``labels`` and during which the MD waited ``waited_s``; measure the updated
-        ensemble's misfit at the newest of them; ``extra`` goes into its record."""
+        ensemble's misfit at the run's newest label (one that arrived during a background
+        update included); ``extra`` goes into its record."""
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
                 "model.cycle_steps, then resume: the last checkpoint is from before this update"
             )
         start = time.perf_counter()
-        newest = labels[-1]
+        newest = self.schedule.pending[-1] if self.schedule.pending else labels[-1]
         pred = self.ensemble.predict(newest)
         self.misfit = LabelMisfit.measure(newest, float(pred.energy[0]), pred.forces, self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
@@ -329,8 +331,10 @@ class OnTheFlyCalculator(Calculator):
                             "label_misfit_eV": abs(self.misfit.energy_residual_eV),
                             "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))), **extra})
 
-    def _label(self, atoms: Atoms, energy: float, sigma: float, prob: float, reason: str,
+    def _label(self, atoms: Atoms, energy: float, forces: np.ndarray, sigma: float, prob: float, reason: str,
                misfit: float = 0.0, by_misfit: bool = False) -> dict | None:
+        """Call the reference at ``atoms``, where the ensemble predicted ``energy`` (eV,
+        with the offset) and ``forces`` (eV/Å); learn the label now or queue it."""
         first = reason == "first"
         try:
             label, reference_s, replayed = self._reference_result(atoms)
@@ -356,6 +360,8 @@ class OnTheFlyCalculator(Calculator):
         update_s, learned = self.learn_pending(update) if update is not None else (0.0, 0)
         if update is not None and self.schedule.config.background:
             update = f"background: {update}" if learned else "deferred: an update is running"
+        if update is None or self.schedule.config.background:  # the members that predicted here go on
+            self.misfit = LabelMisfit.measure(label, energy, forces, offset)
         self.state.reference_calls += 1
         self.state.last_call = self.state.force_calls
         intervention = Intervention(

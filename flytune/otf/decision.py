@@ -56,8 +56,10 @@ def trusted_sigma(sigma, sigma_energy: float, misfit: float):
 
 @dataclass
 class LabelMisfit:
-    r"""How the updated ensemble misses its newest label L, carried to nearby structures
-    to first order in the displacement Δx = x − x_L (minimum image in periodic cells):
+    r"""How the ensemble that predicts now misses the run's newest label L (measured
+    after the update that learned it, or, while that update waits, from the prediction
+    made at L), carried to nearby structures to first order in the displacement
+    Δx = x − x_L (minimum image in periodic cells):
 
         d(x) ≈ d_L − ΔF_L · Δx,    d = Ê − (E_ref + Δ) (eV),   ΔF = F̂ − F_ref (eV/Å),
 
