@@ -16,8 +16,9 @@ from flytune.runconfig import example_config
 DEMO_HEADER = """\
 # flytune demo: on-the-fly fine-tuning of SevenNet-0 on ethanol at 300 K with PySCF.
 # Settings cut to finish in minutes on 2 CPU cores; full quality: chains = 8,
-# cycle_steps = 2000, no max_reference_calls, steps = 20000 (10 ps). Short chains
-# barely spread, so force_call_after feeds the calibration with forced calls.
+# cycle_steps = 2000, no max_reference_calls, steps = 20000 (10 ps). The cut posterior
+# learns the reference's forces slowly, so the call cap is reached early: the steps it
+# refuses are counted and named at the end.
 """
 
 

@@ -80,7 +80,7 @@ class LabelMisfit:
     @classmethod
     def measure(cls, label, energy_eV: float, forces_eV_A: np.ndarray, energy_offset_eV: float) -> LabelMisfit:
         """From a labelled structure (raw reference energy and forces, as the data holds
-        them: before any constraint such as the MD's FixCom) and the updated ensemble's
+        them: before any constraint such as the MD's FixCom) and the predicting ensemble's
         mean energy and forces there."""
         return cls(np.array(label.positions), np.array(label.cell), np.array(label.pbc),
                    float(energy_eV - (label.get_potential_energy() + energy_offset_eV)),
