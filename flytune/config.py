@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
 
 from flytune.units import KCAL_MOL, EnergyUnit, energy_to_eV
 
@@ -80,6 +80,10 @@ class UncertaintyConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="call the reference when P(|e|>ε) > 1 − confidence")
     calibration_shape: PositiveFloat | None = Field(None, description="a of the Gamma prior; 3 NequIP, 1.5 MACE")
     calibration_rate: PositiveFloat | None = Field(None, description="b of the Gamma prior; 10")
+    calibration_checks: NonNegativeInt = Field(
+        5, description="while the calibration holds fewer than this many errors, call the reference once "
+        "2^n force calls (n errors seen) have passed since the last call; 0: none, the published rule",
+    )
     label_misfit: bool = Field(
         True, description="raise the decision's σ by how far the updated ensemble misses its newest label "
         "(energy and forces, carried to first order to later structures) beyond σ_E; false: the published "

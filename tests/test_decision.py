@@ -114,3 +114,20 @@ def test_label_misfit_follows_the_residual_to_first_order():
     moved.positions[0] -= moved.cell[0]  # the same structure, an atom one cell away
     assert misfit.at(moved) == pytest.approx(abs(residual(moved, offset)[0]), abs=gaps[1] * 1.01)
     assert LabelMisfit.from_state_dict(misfit.state_dict()).at(moved) == misfit.at(moved)
+
+
+def test_calibration_checks_come_at_doubling_distances_until_enough_errors():
+    """With 3 checks: due once 1, 2, 4 force calls have passed since the last call (0, 1,
+    2 errors seen), never after 3 errors; a confident σ is then left to the probability."""
+    decision = Decision(Calibrator(3.0, 10.0), 0.05, 0.95, checks=3)
+    tiny = 1e-4  # P(|e| > ε) ≈ 0
+    seen = []
+    for n in range(4):
+        seen.append([decision.decide(tiny, labels=1, since_call=k, reference_calls=1).reason for k in (1, 2, 4)])
+        decision.observe(1e-4, tiny)
+    assert seen == [["check"] * 3, ["confident", "check", "check"], ["confident", "confident", "check"],
+                    ["confident"] * 3]
+    assert not Decision(Calibrator(3.0, 10.0), 0.05, 0.95).check_due(10**6)  # checks = 0: published rule
+    capped = Decision(Calibrator(3.0, 10.0), 0.05, 0.95, SafetyConfig(max_reference_calls=1), checks=3)
+    verdict = capped.decide(tiny, labels=1, since_call=5, reference_calls=1)
+    assert verdict.reason == "call cap" and not verdict.uncontrolled  # a check is not the rule's call

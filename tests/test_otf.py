@@ -189,7 +189,8 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
 
     ensemble = Ensemble.from_config(
         ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
-        UncertaintyConfig(threshold=0.05, threshold_unit="eV", label_misfit=label_misfit), seed=0,
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV", label_misfit=label_misfit,
+                          calibration_checks=5 if label_misfit else 0), seed=0,
     )
     rows, misfits, raw = [], [], {}
 
@@ -580,7 +581,8 @@ def test_reference_failure_skip_policy(workdir):
 def test_the_published_rule_is_named_when_chosen(workdir):
     """``label_misfit = false`` is allowed (to reproduce the paper) but said at the start;
     the summary counts the calls by reason either way."""
-    path = write_config(workdir, "published", steps=2, **{"threshold = 0.05": "threshold = 0.05\nlabel_misfit = false"})
+    published = "threshold = 0.05\nlabel_misfit = false\ncalibration_checks = 0"
+    path = write_config(workdir, "published", steps=2, **{"threshold = 0.05": published})
     logs = []
     summary = run(load_run_config(path), log=logs.append)
     assert any("label_misfit = false" in line and "published rule" in line for line in logs)

@@ -148,6 +148,7 @@ class OnTheFlyCalculator(Calculator):
             u.threshold_eV if threshold is None else threshold,
             u.confidence if confidence is None else confidence,
             safety,
+            u.calibration_checks,
         )
         self.schedule = UpdateSchedule(updates, self.decision.threshold_eV)
         self.on_failure = on_failure

@@ -13,7 +13,10 @@ and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). I
 2. ``max_reference_calls`` reached: no more calls;
 3. fewer than ``min_steps_between_calls`` force calls since the last call: wait;
 4. ``force_call_after`` force calls without a call: call anyway;
-5. otherwise the calibrated probability decides.
+5. a calibration check (:meth:`Decision.check_due`): while the calibration has seen
+   fewer than ``checks`` errors, a call once 2^n force calls have passed since the last
+   one (n errors seen);
+6. otherwise the calibrated probability decides.
 
 After a call, the error e = E_ref + Δ − Ê and the σ predicted *before* the update
 update the calibration (:meth:`Decision.observe`).
@@ -110,7 +113,7 @@ class Verdict:
 
     call: bool
     prob_exceed: float  # P(|e| > ε) under the calibration (1 for the first structure)
-    #: "first", "probability", "forced", "confident", "call cap" or "waiting"
+    #: "first", "probability", "forced", "check", "confident", "call cap" or "waiting"
     reason: str
     #: the rule asked for a call (P(|e| > ε) above the level) and a limit kept it from
     #: being made: a step outside the promise
@@ -125,7 +128,7 @@ class Decision:
     """
 
     def __init__(self, calibrator: Calibrator, threshold_eV: float, confidence: float,
-                 safety: SafetyConfig | None = None):
+                 safety: SafetyConfig | None = None, checks: int = 0):
         if not threshold_eV > 0:
             raise ValueError(f"the threshold must be > 0 eV, got {threshold_eV}")
         if not 0 < confidence < 1:
@@ -134,6 +137,7 @@ class Decision:
         self.threshold_eV = float(threshold_eV)
         self.confidence = float(confidence)
         self.safety = safety or SafetyConfig()
+        self.checks = int(checks)
 
     def prob_exceed(self, sigma: float) -> float:
         """P(|e| > ε) for a prediction with std ``sigma`` (eV)."""
@@ -154,9 +158,26 @@ class Decision:
             return Verdict(False, prob, "waiting", uncontrolled=wanted)
         if s.force_call_after is not None and since_call >= s.force_call_after:
             return Verdict(True, prob, "forced")
+        if not wanted and self.check_due(since_call):
+            return Verdict(True, prob, "check")
         if wanted:
             return Verdict(True, prob, "probability")
         return Verdict(False, prob, "confident")
+
+    def check_due(self, since_call: int) -> bool:
+        r"""Whether a calibration check is due: with n < ``checks`` errors seen,
+
+            call when  since_call ≥ 2^n.
+
+        The Gamma prior makes the scale of σ uncertain but not unbounded: with (a, b) =
+        (3, 10) a σ twenty times too small (members that fit their labels and do not
+        spread) gives P(|e| > ε) < 5 % at errors of several ε, and nothing then calls the
+        reference that would show it. The checks test σ at doubling distances from the
+        last label (1, 2, 4, 8, 16 force calls with 5 checks) until the calibration
+        holds ``checks`` errors; each probability call counts as one of them. With
+        ``checks = 0``, none: the published rule."""
+        n = self.calibrator.n
+        return n < self.checks and since_call >= 2**n
 
     def observe(self, error: float, sigma: float) -> None:
         """Record the error e (eV) of a labelled structure and the std σ (eV) predicted

@@ -329,7 +329,7 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
     - ``reference_over_prediction`` = median t_ref / median t_pred: the limit of that
       speed-up (one ensemble prediction per step instead of one reference call);
     - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates;
-    - ``calls_by_reason`` (first, probability, forced) and ``calls_by_label_misfit``: the
+    - ``calls_by_reason`` (first, probability, forced, check) and ``calls_by_label_misfit``: the
       probability calls that the label misfit caused (with the ensemble's σ alone, P was
       below the level; :func:`flytune.otf.decision.trusted_sigma`).
 
