@@ -10,8 +10,8 @@ the fraction of frames with |error| > ε, the calls and why they were made, the 
 uncalled error, and what made σ: its median, the part from the members' spread
 sqrt(σ² − σ_E²) and the energy noise σ_E of the likelihood.
 
-``--published`` runs the published rule (the ensemble's σ alone, ``label_misfit =
-false``), as ``<case>_published``.
+``--published`` runs the published rule (the ensemble's σ alone: ``label_misfit =
+false``, ``calibration_checks = 0``), as ``<case>_published``.
 
     .venv/bin/python benchmarks/short_chains.py [--published] [--cases acetic_acid ...]
 """
@@ -57,7 +57,8 @@ def config(case: str, published: bool) -> RunConfig:
         "structure": str(structure), "run_dir": str(runs / f"{case}{suffix}"), "seed": 0,
         "model": {"backbone": "7net-0", "chains": 2, "cycle_steps": 50},
         "reference": reference,
-        "uncertainty": {"threshold": THRESHOLD_KCAL, "threshold_unit": "kcal/mol", "label_misfit": not published},
+        "uncertainty": {"threshold": THRESHOLD_KCAL, "threshold_unit": "kcal/mol"}
+        | ({"label_misfit": False, "calibration_checks": 0} if published else {}),
         "md": {"driver": "langevin", "temperature_K": 300.0, "timestep_fs": 0.5, "steps": STEPS,
                "trajectory_every": 1},
     })

@@ -239,10 +239,12 @@ class OnTheFlyRun:
             pending = self._replay_labels_after({"labels": 0, "steps": 0, "interventions": 0, "frames": 0})
             if pending:
                 self.log(f"restarting {c.run_dir} from its start, {pending} label(s) to replay")
-        if not c.uncertainty.label_misfit or not c.uncertainty.calibration_checks:
-            self.log("uncertainty.label_misfit = false or calibration_checks = 0: the decision trusts the "
-                     "members' spread further than the defaults (the published rule has both off); chains "
-                     "too short to spread can then stop calling while the errors exceed ε (docs/method.md §6)")
+        off = [f"uncertainty.{k} = {v}" for k, v in (("label_misfit", "false"), ("calibration_checks", 0))
+               if not getattr(c.uncertainty, k)]
+        if off:
+            self.log(f"{' and '.join(off)}: the decision trusts the members' spread further than the defaults "
+                     "(the published rule has both off); chains too short to spread can then stop calling "
+                     "while the errors exceed ε (docs/method.md §6)")
         # the settings in force (a resume may change thresholds): what `flytune report` reads
         self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
         self.atoms.calc = self.calc
