@@ -23,12 +23,15 @@ def test_pyscf_energy_forces_in_ev_and_warm_start():
     gradient = mf.nuc_grad_method().kernel()
     assert result.energy == pytest.approx(energy * units.Hartree, abs=1e-6)
     np.testing.assert_allclose(result.forces, -gradient * units.Hartree / units.Bohr, atol=1e-5)
-    calc = ref.factory()
-    assert calc._dm is not None  # the next SCF starts from this density matrix
     moved = water.copy()
     moved.positions[0, 2] += 0.05
     again = ref.compute(moved)
     assert again.energy != result.energy  # computed afresh, not a cached result
+    warm = ref.factory().scf_cycles
+    cold = make_reference("pyscf", {"method": "hf", "basis": "sto-3g", "density_fit": False})
+    fresh = cold.compute(moved)
+    assert fresh.energy == pytest.approx(again.energy, abs=1e-6)
+    assert warm < cold.factory().scf_cycles  # the next SCF starts from the previous density matrix
 
 
 def test_pyscf_refuses_periodic_cells():

@@ -60,6 +60,8 @@ class PySCFCalculator(Calculator):
         self.settings = dict(method=method, xc=xc, basis=basis, density_fit=density_fit,
                              charge=charge, spin=spin, conv_tol=conv_tol, max_cycle=max_cycle)
         self._dm = None
+        #: SCF iterations of the last calculation (fewer when it started from the previous density)
+        self.scf_cycles: int | None = None
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         from pyscf import dft, gto, scf
@@ -80,6 +82,7 @@ class PySCFCalculator(Calculator):
         mf.conv_tol, mf.max_cycle = s["conv_tol"], s["max_cycle"]
         dm0 = self._dm if self._dm is not None and self._dm.shape[-1] == mol.nao else None
         energy = mf.kernel(dm0=dm0)
+        self.scf_cycles = getattr(mf, "cycles", None)
         if not mf.converged:
             self._dm = None
             raise ReferenceFailure(f"PySCF SCF did not converge in {s['max_cycle']} cycles")
