@@ -204,7 +204,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
         f"updates {summary['time_update_s']:.0f} s ({summary.get('updates', '-')} updates); "
         f"speed-up over reference MD {fmt(summary.get('speedup_vs_reference_md'), '.2f')}× "
         f"(limit {fmt(summary.get('reference_over_prediction'), '.0f')}×)"
-        + (f"; stopped: {summary['stopped']}" if summary.get("stopped") else ""),
+        + (f"; stopped: {summary['stopped']}" if summary.get("stopped") else "")
+        + (f"; {summary['labels_pending']} label(s) not yet learned by model.pt: run the same command to "
+           "resume and learn them" if summary.get("labels_pending") else ""),
         highlight=False,
         soft_wrap=True,
     )

@@ -734,6 +734,11 @@ def test_init_writes_a_valid_commented_config_and_status_prints(workdir, uninter
     out = capsys.readouterr()
     assert json.loads(out.out)["steps"] == 15
     assert "reference calls (first 1, " in out.err  # and why the rule made them
+    assert "not yet learned" not in out.err
+    from flytune.cli import print_summary
+
+    print_summary(json.loads(out.out) | {"labels_pending": 3, "stopped": "interrupted"}, "run")
+    assert "3 label(s) not yet learned by model.pt" in capsys.readouterr().err
 
 
 def test_calculator_under_an_optimiser_and_neb(workdir):
