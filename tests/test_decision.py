@@ -26,6 +26,7 @@ def test_probability_decides_at_the_switch_over():
     assert high.prob_exceed == pytest.approx(1 - 0.932751, abs=5e-7)
     assert not d.decide(0.138163 - 1e-5, labels=5, since_call=7, reference_calls=5).call
     assert d.decide(0.138163 + 1e-5, labels=5, since_call=7, reference_calls=5).call
+    assert d.wants_call(high.prob_exceed) and not d.wants_call(low.prob_exceed) and not d.wants_call(0.05)
 
 
 def test_confidence_level_moves_the_switch_over():

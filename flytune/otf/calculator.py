@@ -206,7 +206,7 @@ class OnTheFlyCalculator(Calculator):
             results["stress"] = pred.stress[0]
         if verdict.call:
             by_misfit = (verdict.reason == "probability" and sigma > ensemble_sigma
-                         and self.decision.prob_exceed(ensemble_sigma) <= 1.0 - self.decision.confidence)
+                         and not self.decision.wants_call(self.decision.prob_exceed(ensemble_sigma)))
             reference = self._label(atoms, energy, pred.forces, sigma, verdict.prob_exceed, verdict.reason, misfit,
                                     by_misfit)
             if reference is not None:

@@ -143,6 +143,10 @@ class Decision:
         """P(|e| > ε) for a prediction with std ``sigma`` (eV)."""
         return float(self.calibrator.prob_exceed(self.threshold_eV, sigma))
 
+    def wants_call(self, prob_exceed: float) -> bool:
+        """Whether P(|e| > ε) is above the call level 1 − confidence."""
+        return prob_exceed > 1.0 - self.confidence
+
     def decide(self, sigma: float, *, labels: int, since_call: int, reference_calls: int) -> Verdict:
         """The verdict at a structure with std ``sigma`` (eV), given the number of labels so
         far, the force calls since the last reference call (counting this one) and the
@@ -151,7 +155,7 @@ class Decision:
             return Verdict(True, 1.0, "first")
         prob = self.prob_exceed(sigma)
         s = self.safety
-        wanted = prob > 1.0 - self.confidence
+        wanted = self.wants_call(prob)
         if s.max_reference_calls is not None and reference_calls >= s.max_reference_calls:
             return Verdict(False, prob, "call cap", uncontrolled=wanted)
         if since_call <= s.min_steps_between_calls:
