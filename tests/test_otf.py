@@ -781,6 +781,11 @@ def test_report_of_a_run_directory(uninterrupted, tmp_path, monkeypatch, capsys)
     assert printed["rmse_at_interventions_eV"] == pytest.approx(summary["rmse_at_interventions_eV"])
     assert printed["calibration"]["shape"] == pytest.approx(summary["calibration"]["shape"])
     assert sum(printed["calls_by_quarter"]) == summary["reference_calls"]
+    # how many calls the rule made and why, as the run's own summary says
+    assert printed["calls_by_reason"] == summary["calls_by_reason"] and printed["calls_by_reason"]["first"] == 1
+    assert sum(printed["calls_by_reason"].values()) == summary["reference_calls"]
+    assert printed["calls_by_label_misfit"] == summary["calls_by_label_misfit"]
+    assert "calls_by_reason" in (out / "report.html").read_text()
     assert printed["time_reference_s"] == pytest.approx(summary["time_reference_s"])
     page = (out / "report.html").read_text()
     for name in ("calls", "probability", "errors", "sigma_error", "calibration", "traces"):
