@@ -65,7 +65,7 @@ def main() -> None:
     chains = []
     for index in map(int, args.chains.split(",")):
         recorder = Recorder(window=window, tolerance_nats=config.early_stop_tolerance_nats)
-        ensemble.run([ChainJob(ensemble.chains[index], schedule, priority=True, replace_samples=True,
+        ensemble.run([ChainJob(ensemble.chains[index], schedule, new_labels=1, replace_samples=True,
                                early_stop=recorder)])
         newest, mean = recorder.calls[-1][0], recorder.calls[-1][1]
         chain_tests = [{

@@ -64,7 +64,7 @@ def finetune(
     try:
         ensemble.data.extend(structures)
         schedule = finetune_schedule(ensemble.config, offline)
-        jobs = [ChainJob(c, schedule, priority=False, replace_samples=False) for c in ensemble.chains]
+        jobs = [ChainJob(c, schedule, new_labels=0, replace_samples=False) for c in ensemble.chains]
         ensemble.run(jobs, progress, stop)
     except BaseException:
         ensemble.close()

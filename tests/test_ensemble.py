@@ -120,7 +120,7 @@ def test_stop_keeps_samples_taken_so_far(ethanol_frames):
             stop.set()
 
     schedule = offline_schedule(10, 1e-3, 1e-4, cycles=1, cycle_steps=5)
-    ens.run([ChainJob(c, schedule, priority=False, replace_samples=False) for c in ens.chains], progress, stop)
+    ens.run([ChainJob(c, schedule, new_labels=0, replace_samples=False) for c in ens.chains], progress, stop)
     assert seen[:3] == [(0, 1), (0, 2), (0, 3)]
     assert all(c.interrupted for c in ens.chains)
     assert ens.chains[0].state.step == 3 and ens.chains[1].state.step == 0
@@ -230,7 +230,8 @@ def test_a_cpu_update_is_pinned_bit_for_bit():
     pinned = json.loads((Path(__file__).parent / "data" / "pinned_update.json").read_text())
     frames = [emt_labelled(ethanol(s, 0.08)) for s in range(4)]
     ens = Ensemble.from_config(ModelConfig(chains=2, cycle_steps=8, batch_size=2, eta_max=1e-3), seed=5)
-    ens.update(frames[:3])
+    ens.add_data(frames[:2])  # as one update learning frames[:3] with only the newest favoured,
+    ens.update(frames[2:3])  # the rule of 677b264 (an update now favours all the labels it learns)
     ens.update(frames[3:])
     digest = hashlib.sha256()
     for c in ens.chains:

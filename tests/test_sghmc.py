@@ -115,7 +115,7 @@ def test_priority_minibatches_sample_the_posterior(problem):
     samples = []
     steps = 20000
     for k in range(steps):
-        batch = draw_minibatch(N, 5, gen, priority=True)
+        batch = draw_minibatch(N, 5, gen, new_labels=1)
         state = transform.update(state, batch, lr=2e-3, temperature=1.0, num_data=N, generator=gen)
         if k >= steps // 2 and k % 20 == 0:
             samples.append(state.params["w"])
@@ -125,9 +125,10 @@ def test_priority_minibatches_sample_the_posterior(problem):
     assert torch.all((torch.diag(torch.cov(samples.T)) / torch.diag(cov) - 1).abs() < 0.1)
 
 
-def _priority_posterior_samples(weights=None, steps=4000, lr=5e-3):
-    """SGHMC with priority minibatches (B = 5) on a 6-point linear-Gaussian problem whose
-    newest point is an outlier; ``weights(indices, N, B)`` replaces the estimator's weights."""
+def _priority_posterior_samples(weights=None, steps=4000, lr=5e-3, new_labels=1):
+    """SGHMC with priority minibatches (B = 5, the last ``new_labels`` points favoured) on a
+    6-point linear-Gaussian problem whose newest point is an outlier; ``weights(indices, N, B)``
+    replaces the estimator's weights."""
     from flytune.bayes.minibatch import draw_minibatch
 
     n, d, chains, batch_size = 6, 2, 400, 5
@@ -148,7 +149,7 @@ def _priority_posterior_samples(weights=None, steps=4000, lr=5e-3):
     draws = torch.Generator().manual_seed(1)
     samples = []
     for k in range(steps):
-        idx, w = draw_minibatch(n, batch_size, draws, priority=True)
+        idx, w = draw_minibatch(n, batch_size, draws, new_labels=new_labels)
         if weights is not None:
             w = weights(idx, n, batch_size)
         state = transform.update(state, (idx, w), lr=lr, temperature=1.0, num_data=n, generator=draws)
@@ -171,3 +172,8 @@ def test_priority_minibatches_sample_the_posterior_at_small_n():
 
     assert _posterior_is_right(*_priority_posterior_samples())
     assert not _posterior_is_right(*_priority_posterior_samples(research_weights))
+
+
+def test_deferred_priority_minibatches_sample_the_posterior_at_small_n():
+    """Three labels favoured at once (a deferred update): still the exact posterior."""
+    assert _posterior_is_right(*_priority_posterior_samples(new_labels=3))

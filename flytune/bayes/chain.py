@@ -114,8 +114,9 @@ class SamplerSettings:
 class ChainJob:
     """Advance ``chain`` through ``schedule``.
 
-    ``priority``: priority sampling of the newest structure (on-the-fly) or uniform
-    (offline). ``replace_samples``: the new samples replace the chain's old ones
+    ``new_labels``: how many of the newest structures the update learns, favoured by
+    the priority minibatches (on-the-fly: the labels since the last update), or 0 for
+    uniform draws (offline). ``replace_samples``: the new samples replace the chain's old ones
     (on-the-fly update) instead of being appended (offline cycles). ``early_stop``: end
     the cycle once the chain has settled (:mod:`flytune.bayes.early_stop`); for
     schedules whose only sample is at the end.
@@ -123,7 +124,7 @@ class ChainJob:
 
     chain: Chain
     schedule: Schedule
-    priority: bool = True
+    new_labels: int = 1
     replace_samples: bool = True
     early_stop: EarlyStop | None = None
 
@@ -177,7 +178,7 @@ def run_chain(
     samples = [] if job.replace_samples else list(chain.samples)
     resets, sample_steps = set(schedule.reset_before), set(schedule.sample_after)
     interrupted = False
-    # ℓ_new and L̂ in the full-noise phase, for early_stop: kept on the device, read per window
+    # ℓ_new (of the new structures) and L̂ in the full-noise phase, for early_stop: kept on the device, read per window
     newest_ll: list[torch.Tensor] = []
     mean_ll: list[torch.Tensor] = []
     for k in range(len(schedule)):
@@ -186,7 +187,7 @@ def run_chain(
             break
         if k in resets:
             state = sampler.init(state.params)
-        indices, weights = draw_minibatch(num_data, settings.batch_size, draws, job.priority)
+        indices, weights = draw_minibatch(num_data, settings.batch_size, draws, job.new_labels)
         graphs, labels = data.batch(indices)
         state = sampler.update(
             state,
@@ -203,9 +204,9 @@ def run_chain(
         elif job.early_stop is not None and schedule.temperature[k] >= 1.0:
             ll = state.aux
             mean_ll.append((weights.to(ll.device, ll.dtype) * ll).sum())
-            newest = (indices == num_data - 1).to(ll.device)
-            if bool((indices == num_data - 1).any()):
-                newest_ll.append(ll[newest].mean())
+            is_new = indices >= num_data - max(job.new_labels, 1)
+            if bool(is_new.any()):
+                newest_ll.append(ll[is_new.to(ll.device)].mean())
             if len(mean_ll) % job.early_stop.window == 0 and job.early_stop.settled(
                 torch.stack(newest_ll).tolist() if newest_ll else [], torch.stack(mean_ll).tolist()
             ):

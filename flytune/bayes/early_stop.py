@@ -3,8 +3,9 @@ r"""Adaptive end of an on-the-fly update cycle.
 Once the noise of a cycle is fully on (τ_k = 1), the chain samples. It may stop before
 step K when two series, recorded from that point on, have settled:
 
-- ℓ_new, the log-likelihood of the newest structure (recorded at the steps whose
-  minibatch holds it): the posterior has absorbed the new label;
+- ℓ_new, the mean log-likelihood of the structures the update learns (the newest, or
+  the labels a deferred update learns at once; recorded at the steps whose minibatch
+  holds one): the posterior has absorbed the new labels;
 - L̂ = Σ_b w_b·ℓ_{u_b}, the minibatch estimate of the mean log-likelihood of all the
   data: the chain's fit as a whole has mixed.
 

@@ -249,13 +249,13 @@ class Ensemble:
     ) -> None:
         """Add labelled structures and run one update cycle on every chain (warm start)."""
         self.data.extend(new_structures)
-        self.run(self._update_jobs(), progress, stop)
+        self.run(self._update_jobs(len(new_structures)), progress, stop)
 
-    def _update_jobs(self) -> list[ChainJob]:
+    def _update_jobs(self, new_labels: int) -> list[ChainJob]:
         schedule = self.update_schedule()
         c = self.config
         early_stop = EarlyStop(c.early_stop_window, c.early_stop_tolerance_nats) if c.early_stop else None
-        return [ChainJob(chain, schedule, priority=True, replace_samples=True, early_stop=early_stop)
+        return [ChainJob(chain, schedule, new_labels=new_labels, replace_samples=True, early_stop=early_stop)
                 for chain in self.chains]
 
     # -- updates in the background ------------------------------------------------------
@@ -269,7 +269,7 @@ class Ensemble:
             self.close()
             self._runner = ProcessRunner(self.spec, self.config.workers, self.config.threads_per_worker)
         self.data.extend(new_structures)
-        self.runner.submit(self.prior, self.data, self._update_jobs(), self.sampler_settings)
+        self.runner.submit(self.prior, self.data, self._update_jobs(len(new_structures)), self.sampler_settings)
         self._learning = len(new_structures)
         self._started = time.perf_counter()
 
