@@ -85,3 +85,24 @@ def test_an_scf_that_does_not_converge_is_a_failure():
 def test_unknown_and_missing_references():
     with pytest.raises(FlytuneError, match="neither one of"):
         make_reference("no.such.module:Calc")
+
+
+def test_labels_carry_the_reference_forces_not_an_md_constraint_projection():
+    """The MD fixes the centre of mass with FixCom; its projection F − m·(m·F)/(m·m) gives
+    a molecule of unequal masses a net force that no potential can fit (on-the-fly
+    ethanol labels carried up to 2.6 eV/Å of it). A label holds the reference's own forces."""
+    from ase.calculators.emt import EMT
+    from ase.constraints import FixCom
+
+    atoms = molecule("CH3CH2OH")
+    atoms.rattle(0.1, seed=3)
+    raw = atoms.copy()
+    raw.calc = EMT()
+    expected = raw.get_forces()
+    atoms.set_constraint(FixCom())
+    projected = atoms.copy()
+    projected.calc = EMT()
+    assert np.linalg.norm(projected.get_forces().sum(0)) > 0.1  # the projection adds a net force
+    result = make_reference("ase.calculators.emt:EMT").compute(atoms)
+    np.testing.assert_allclose(result.forces, expected, atol=1e-10)
+    assert np.linalg.norm(result.forces.sum(0)) < 1e-6

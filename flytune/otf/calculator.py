@@ -375,7 +375,7 @@ class OnTheFlyCalculator(Calculator):
         )
         if self.on_intervention is not None:
             self.on_intervention(label, intervention)
-        results = {"energy": raw + offset, "forces": label.get_forces()}
+        results = {"energy": raw + offset, "forces": label.get_forces(apply_constraint=False)}  # the MD applies its own
         if "stress" in label.calc.results and atoms.pbc.all():
             results["stress"] = label.get_stress(voigt=False)
         return results

@@ -160,7 +160,9 @@ class Reference:
                 calc.reset()  # never reuse a result of an earlier geometry
                 work.calc = calc
                 energy = float(work.get_potential_energy())
-                forces = np.array(work.get_forces(), dtype=float)
+                # the reference's own forces: an MD constraint (FixCom) projects them, and the
+                # projection is not a force any potential can fit (it gives ethanol a net force)
+                forces = np.array(work.get_forces(apply_constraint=False), dtype=float)
                 stress = np.array(work.get_stress(voigt=False), dtype=float) if want_stress else None
                 if not (np.isfinite(energy) and np.all(np.isfinite(forces))
                         and (stress is None or np.all(np.isfinite(stress)))):
