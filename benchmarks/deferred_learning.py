@@ -33,6 +33,7 @@ from common import ROOT, update_results
 
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import ModelConfig, UncertaintyConfig
+from flytune.data import labelled
 from flytune.units import KCAL_MOL
 
 
@@ -65,6 +66,14 @@ def freeze_force_sigma() -> None:
     ProbabilisticModel.forward = forward
 
 
+def unprojected(atoms):
+    """The label with FixCom's projection F' = F − m·(m·F)/(m·m) undone, using ΣF = 0."""
+    forces, masses = atoms.get_forces(apply_constraint=False), atoms.get_masses()[:, None]
+    out = labelled(atoms, atoms.get_potential_energy(), forces - masses * forces.sum(0) / masses.sum())
+    out.info.update(atoms.info)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--run", type=Path, default=ROOT / "benchmarks/runs/otf_ethanol_pbe_deferred/run")
@@ -76,15 +85,21 @@ def main() -> None:
     parser.add_argument("--frozen-head", action="store_true",
                         help="σ_F fixed at s₀ (force_sigma0_kcal_mol_A) instead of learned per atom; runs the chains in "
                              "this process (workers = 1), where the change applies")
+    parser.add_argument("--unproject", action="store_true",
+                        help="undo the FixCom projection that labels written before 2026-12-03 carry "
+                             "(F = F' − m·ΣF'/Σm: the reference's own forces, whose sum is ≈ 0)")
     args = parser.parse_args()
     saved = json.loads((args.run / "run_config.json").read_text())["config"]
     changes = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     if args.frozen_head:
         freeze_force_sigma()
         changes.update(workers=1, frozen_head=True)
-    saved["model"].update({k: v for k, v in changes.items() if k != "frozen_head"})
+    saved["model"].update({k: v for k, v in changes.items() if k not in ("frozen_head", "unprojected")})
     model, uncertainty = ModelConfig(**saved["model"]), UncertaintyConfig(**saved["uncertainty"])
     labels = read(args.run / "labels.extxyz", ":")
+    if args.unproject:
+        labels = [unprojected(a) for a in labels]
+        changes["unprojected"] = True
     ends = [json.loads(line)["labels"] for line in (args.run / "updates.jsonl").read_text().splitlines()]
     ends = ends[: args.updates + 1]  # the last end only bounds the final look-ahead batch
     threshold = uncertainty.threshold if uncertainty.threshold_unit == "kcal/mol" else uncertainty.threshold / KCAL_MOL
