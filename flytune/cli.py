@@ -280,8 +280,9 @@ def demo_cmd(
     out: Annotated[Path, typer.Option(help="output folder (config, run directory)")] = Path("demo-out"),
     steps: Annotated[int, typer.Option(help="MD steps of 0.5 fs")] = 400,
     cycle_steps: Annotated[int, typer.Option(help="SGHMC steps per update")] = 40,
-    max_calls: Annotated[int, typer.Option(help="cap on reference calls")] = 25,
-    force_after: Annotated[int, typer.Option(help="force a reference call after this many steps without one")] = 40,
+    max_calls: Annotated[Optional[int], typer.Option(help="cap on reference calls (default: none)")] = None,
+    force_after: Annotated[Optional[int], typer.Option(
+        help="force a reference call after this many steps without one (default: never)")] = None,
     quiet: bool = False,
 ) -> None:
     """On-the-fly fine-tuning of SevenNet-0 on ethanol (300 K, PySCF B3LYP/6-31G*); resumes if re-run."""

@@ -152,16 +152,19 @@ def test_demo_config_is_the_example_with_the_demo_cuts(tmp_path):
     from flytune.demo import write_demo
     from flytune.runconfig import load_run_config
 
-    path = write_demo(tmp_path, steps=400, cycle_steps=40, max_calls=25, force_after=40)
+    path = write_demo(tmp_path)
     expected = RunConfig.model_validate({
         "structure": str(tmp_path / "ethanol.xyz"), "run_dir": str(tmp_path / "run"), "seed": 1,
         "model": {"backbone": "7net-0", "chains": 2, "cycle_steps": 40, "eta_max": 1e-3, "workers": 2},
         "reference": {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}},
-        "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
+        "uncertainty": {"threshold": 1.0, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": 400},
-        "safety": {"max_reference_calls": 25, "force_call_after": 40},
     })
-    assert load_run_config(path) == expected
+    config = load_run_config(path)
+    assert config == expected
+    assert config.safety.max_reference_calls is None and config.safety.force_call_after is None  # no crutches
+    capped = load_run_config(write_demo(tmp_path / "capped", max_calls=25, force_after=40))
+    assert (capped.safety.max_reference_calls, capped.safety.force_call_after) == (25, 40)
     text = path.read_text()
     assert text.startswith("# flytune demo") and "# " in text.split("[model]")[1]  # the example's comments stay
     assert tomllib.loads(text)["md"]["steps"] == 400
