@@ -157,6 +157,8 @@ def evaluate_cmd(
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="TOML configuration (see `flytune init`)")],
     quiet: Annotated[bool, typer.Option(help="no progress display (batch jobs)")] = False,
+    check: Annotated[bool, typer.Option(
+        "--check", help="validate the config, the structure, the reference and the Parsl set-up; start nothing")] = False,
 ) -> None:
     """Run (or resume) on-the-fly fine-tuning MD; Ctrl-C checkpoints and exits."""
     from flytune.otf.run import OnTheFlyRun
@@ -165,6 +167,11 @@ def run_cmd(
 
     cfg = load_run_config(config)
     otf = OnTheFlyRun(cfg, log=lambda msg: console.print(msg, highlight=False))
+    if check:
+        for line in otf.describe():
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(f"{config}: ready to run (nothing was started)", highlight=False)
+        return
     otf.open()
     try:
         with stop_on_sigint() as stop, RunProgress(cfg.md.total_steps, cfg.md.timestep_fs, quiet, console) as bar:

@@ -132,6 +132,10 @@ class ReferenceConfig(_Strict):
     options: dict = Field(default_factory=dict, description="keyword arguments of the calculator")
     retries: int = Field(2, ge=0, description="extra attempts after a failed call")
     on_failure: Literal["stop", "skip"] = "stop"
+    timeout_s: PositiveFloat = Field(
+        86400.0, description="backend 'parsl': an attempt without a result after this many seconds fails "
+        "(a lost worker, a hung interchange); in-process calls cannot be interrupted",
+    )
 
 
 class Segment(_Strict):
@@ -200,6 +204,43 @@ class UpdatesConfig(_Strict):
     )
 
 
+class SlurmConfig(_Strict):
+    """``[execution.slurm]``: the SLURM jobs (Parsl blocks) that run the reference calls."""
+
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    nodes_per_block: PositiveInt = Field(1, description="nodes of one SLURM job")
+    cores_per_node: PositiveInt | None = None
+    walltime: str = Field("01:00:00", pattern=r"^(\d+-)?\d{1,3}:\d{2}:\d{2}$", description="per job, [D-]HH:MM:SS")
+    max_blocks: PositiveInt = Field(1, description="SLURM jobs at once")
+    worker_init: str = Field("", description="shell lines run before the workers start (module load, venv)")
+    scheduler_options: str = Field("", description="extra '#SBATCH' lines")
+    exclusive: bool = True
+
+
+class ExecutionConfig(_Strict):
+    """``[execution]``: where reference calls run (:mod:`flytune.otf.execution`)."""
+
+    backend: Literal["local", "parsl"] = Field("local", description="local: in this process; parsl: Parsl apps")
+    parsl: str = Field(
+        "htex_local", description="htex_local (workers on this machine), slurm ([execution.slurm]) or the path "
+        "of a Python file that defines a Parsl `config`",
+    )
+    max_workers: PositiveInt = Field(1, description="reference calls at once: on this machine, or per SLURM job")
+    mpi_launcher: str | None = Field(
+        None, description="put before reference.options.command in the workers, e.g. 'srun -n 64' or 'mpirun -np 8'",
+    )
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+
+    @field_validator("parsl")
+    @classmethod
+    def _known_parsl(cls, value: str) -> str:
+        if value not in ("htex_local", "slurm") and not value.endswith(".py"):
+            raise ValueError("use 'htex_local', 'slurm' or the path of a .py file that defines a Parsl `config`")
+        return value
+
+
 class RunConfig(_Strict):
     """The whole on-the-fly run (``flytune run CONFIG.toml``)."""
 
@@ -212,6 +253,7 @@ class RunConfig(_Strict):
     md: MDConfig = Field(default_factory=MDConfig)
     safety: SafetyConfig = Field(default_factory=SafetyConfig)
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
+    execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     checkpoint_every: PositiveInt = Field(100, description="MD steps between periodic checkpoints")
 
     #: settings that define a run: a run directory made with others cannot be resumed

@@ -32,6 +32,7 @@ workers = 2                    # processes running chains (one per core or GPU)
 name = "pyscf"                 # pyscf | tblite | cp2k | an import path "module:Class"
 retries = 2                    # extra attempts after a failed call
 on_failure = "stop"            # stop | skip (continue with the model)
+# timeout_s = 86400            # backend "parsl": an attempt without a result by then fails
 [reference.options]            # keyword arguments of the calculator
 xc = "b3lyp"
 basis = "6-31g*"
@@ -64,6 +65,12 @@ policy = "every"               # every | deferred (wait until the calls since th
 max_pending = 16               # deferred: update once this many labels wait
 critical_factor = 2.0          # deferred: update at once when |error| > this × ε
 background = false             # true: update in the worker processes while the MD goes on
+
+[execution]                    # where the reference calls run
+backend = "local"              # local (this process) | parsl (docs/examples/slurm_vasp.toml)
+# parsl = "htex_local"         # htex_local | slurm ([execution.slurm]) | a .py file defining a Parsl `config`
+# max_workers = 1              # reference calls at once (on this machine, or per SLURM job)
+# mpi_launcher = "srun -n 64"  # put before reference.options.command in the workers
 '''
 
 
@@ -161,4 +168,7 @@ def load_run_config(path: str | Path) -> RunConfig:
     backbone = base / config.model.backbone
     if not Path(config.model.backbone).is_absolute() and backbone.is_file():  # a model file next to the config
         updates["model"] = config.model.model_copy(update={"backbone": str(backbone)})
+    parsl_file = Path(config.execution.parsl)
+    if parsl_file.suffix == ".py" and not parsl_file.is_absolute():
+        updates["execution"] = config.execution.model_copy(update={"parsl": str(base / parsl_file)})
     return config.model_copy(update=updates)

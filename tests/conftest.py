@@ -177,3 +177,28 @@ class SlowEMT(EMT):
 
         time.sleep(self.delay)
         super().calculate(*args, **kwargs)
+
+
+class NoisyEMT(EMT):
+    """EMT that writes to file descriptor 2 (as a Fortran program would) and leaves a file
+    in its working folder, as VASP or CP2K do."""
+
+    def calculate(self, atoms=None, *args, **kwargs):
+        import os
+
+        super().calculate(atoms, *args, **kwargs)
+        os.write(2, f"NoisyEMT on {self.atoms.get_chemical_formula()}\n".encode())
+        with open("noisy_emt.txt", "a") as f:
+            f.write("called\n")
+
+
+class FailOnce(EMT):
+    """EMT whose first call in each process raises (a node that drops one job)."""
+
+    failed = False
+
+    def calculate(self, *args, **kwargs):
+        if not FailOnce.failed:
+            FailOnce.failed = True
+            raise RuntimeError("the node dropped the job")
+        super().calculate(*args, **kwargs)

@@ -374,6 +374,20 @@ def test_sigkill_and_resume_loses_and_duplicates_nothing(workdir, uninterrupted,
     assert summary["reference_calls"] == len(expected)
 
 
+def test_a_run_with_reference_calls_through_parsl_labels_the_same(workdir, uninterrupted):
+    """`[execution] backend = "parsl"` (a local HighThroughputExecutor): the same run makes
+    the same calls and gets the same labels as in-process, and says where they ran."""
+    config = write_config(workdir, "parsl", **{"[safety]": '[execution]\nbackend = "parsl"\n[safety]'})
+    result = run_cli(workdir, config)
+    assert result.returncode == 0, result.stderr
+    assert "through Parsl" in result.stderr
+    expected, got = label_records(uninterrupted), label_records(workdir / "parsl")
+    assert len(got) == len(expected)
+    for a, b in zip(expected, got):
+        assert a["positions"] == b["positions"] and a["energy"] == b["energy"] and a["forces"] == b["forces"]
+    assert (workdir / "parsl" / "parsl").is_dir() and (workdir / "parsl" / "reference").is_dir()
+
+
 DEFERRED = {"[safety]": '[updates]\npolicy = "deferred"\nmax_pending = 4\ncritical_factor = 1e6\n[safety]'}
 
 

@@ -27,7 +27,8 @@ from flytune.config import MDConfig, RunConfig
 from flytune.data import read_structures
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, UpdateInterrupted
-from flytune.otf.reference import ReferenceFailure, make_reference
+from flytune.otf.execution import ParslReference, build_reference
+from flytune.otf.reference import ReferenceFailure
 from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures
 from flytune.units import KCAL_MOL
 
@@ -171,7 +172,7 @@ class OnTheFlyRun:
         self.rd = RunDirectory(config.run_dir)
         # cheap checks first: structure, reference, resumability
         self.structure = read_start_structure(config.structure)
-        self.reference = make_reference(config.reference.name, config.reference.options, config.reference.retries)
+        self.reference = build_reference(config.reference, config.execution, config.run_dir)
         saved = json.loads(self.rd.config.read_text()) if self.rd.config.exists() else None
         if saved is not None and (self.rd.resumable or self.rd.read_exact_labels()):
             changed = {k: (saved["identity"][k], v) for k, v in config.identity().items() if saved["identity"].get(k) != v}
@@ -181,11 +182,37 @@ class OnTheFlyRun:
                                    "and cannot be resumed; use a new run_dir")
         self._in_step = False
 
+    def describe(self) -> list[str]:
+        """What the run would do, from the checks made so far (``flytune run --check``)."""
+        c, atoms = self.config, self.structure
+        m = c.model
+        if isinstance(self.reference, ParslReference):
+            cfg = self.reference.config
+            executors = ", ".join(f"{type(e).__name__} with {type(e.provider).__name__}" for e in cfg.executors)
+            reference = f"{self.reference.describe()}; Parsl config: {executors}, logs in {cfg.run_dir}"
+        else:
+            reference = f"reference {c.reference.name!r} in this process"
+        state = "resumes from its checkpoint" if self.rd.resumable else "new"
+        return [
+            f"structure: {atoms.get_chemical_formula()}, {len(atoms)} atoms{', periodic' if atoms.pbc.any() else ''} "
+            f"({c.structure})",
+            f"model: {m.backbone} (loaded only by the run), {m.chains} chains × {m.cycle_steps} SGHMC steps per update, "
+            f"{m.workers} worker(s), device {m.device}",
+            reference,
+            f"decision: ε = {c.uncertainty.threshold:g} {c.uncertainty.threshold_unit}, call when P(|e| > ε) > "
+            f"{100 * (1 - c.uncertainty.confidence):g} %; updates: {c.updates.policy}",
+            f"MD: {c.md.driver}, {c.md.total_steps} steps of {c.md.timestep_fs:g} fs",
+            f"run directory: {c.run_dir} ({state})",
+        ]
+
     # -- building -------------------------------------------------------------------
     def open(self) -> None:
         self.rd.lock()
         try:
             self._build()
+            if isinstance(self.reference, ParslReference):
+                self.log(f"starting the {self.reference.describe()}")
+                self.reference.start()
         except BaseException:
             self.close()
             raise
@@ -194,6 +221,8 @@ class OnTheFlyRun:
         ensemble = getattr(self, "ensemble", None)
         if ensemble is not None:
             ensemble.close()
+        if isinstance(self.reference, ParslReference):
+            self.reference.close()
         self.rd.unlock()
 
     def _build(self) -> None:
