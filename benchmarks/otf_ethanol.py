@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
     parser.add_argument("--updates", choices=("every", "deferred"), default="every", help="[updates] policy")
+    parser.add_argument("--critical-factor", type=float,
+                        help="[updates] critical_factor (deferred: update at once when |error| > this × ε); "
+                             "the entry is named <foundation>_deferred_critical<X>")
     add_part_arguments(parser)
     args = parser.parse_args()
     backbone = FOUNDATIONS[args.foundation]
@@ -195,6 +198,10 @@ def main() -> None:
         print(f"{PBE_CHECKPOINT} is missing: building it (transfer_ethanol.pretrain_on_pbe, ~11 min)", flush=True)
         print("PBE foundation:", json.dumps(pretrain_on_pbe()), flush=True)
     name = args.foundation + ("_deferred" if args.updates == "deferred" else "")
+    updates = {"policy": args.updates}
+    if args.critical_factor is not None:
+        updates["critical_factor"] = args.critical_factor
+        name += f"_critical{args.critical_factor:g}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
     folder.mkdir(parents=True, exist_ok=True)
     run_dir = folder / "run"
@@ -207,7 +214,7 @@ def main() -> None:
         "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": TIMESTEP_FS, "temperature_K": 300,
                "steps": round(args.ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
-        "safety": {"force_call_after": FORCE_CALL_AFTER}, "updates": {"policy": args.updates},
+        "safety": {"force_call_after": FORCE_CALL_AFTER}, "updates": updates,
     })
     summary = run_for(config, args.hours, args.state)
     if args.state:
@@ -217,7 +224,7 @@ def main() -> None:
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
         labels="the reference's own forces (before 2026-12-03: the MD's FixCom projection of them)",
-        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates,
+        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates=updates,
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )
