@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import os
@@ -42,7 +41,7 @@ from ase import Atoms
 
 from flytune.config import ExecutionConfig, ReferenceConfig
 from flytune.errors import FlytuneError
-from flytune.otf.reference import BUILTIN, Reference, ReferenceFailure, ReferenceResult, make_reference
+from flytune.otf.reference import BUILTIN, Reference, ReferenceFailure, ReferenceResult, make_reference, retrying
 
 EXECUTOR_LABEL = "reference"
 
@@ -60,11 +59,11 @@ def with_mpi_launcher(options: dict, launcher: str | None) -> dict:
     return {**options, "command": f"{launcher} {command}"}
 
 
-def _bin_command(script: str) -> str:
+def _bin_script(script: str) -> str:
     """A Parsl entry script next to this interpreter (a virtual environment that is not
     activated keeps it off PATH), else the bare name."""
     path = Path(sys.executable).parent / script
-    return shlex.quote(str(path)) if path.exists() else script
+    return str(path) if path.exists() else script
 
 
 def parsl_config(execution: ExecutionConfig, run_dir: str | os.PathLike):
@@ -78,8 +77,8 @@ def parsl_config(execution: ExecutionConfig, run_dir: str | os.PathLike):
     logs = str(Path(run_dir).resolve() / "parsl")
     if execution.parsl.endswith(".py"):
         return _user_config(Path(execution.parsl))
-    launch = DEFAULT_LAUNCH_CMD.replace("process_worker_pool.py", _bin_command("process_worker_pool.py"), 1)
-    interchange = [_bin_command(DEFAULT_INTERCHANGE_LAUNCH_CMD[0]).strip("'")]
+    launch = DEFAULT_LAUNCH_CMD.replace("process_worker_pool.py", shlex.quote(_bin_script("process_worker_pool.py")), 1)
+    interchange = [_bin_script(DEFAULT_INTERCHANGE_LAUNCH_CMD[0]), *DEFAULT_INTERCHANGE_LAUNCH_CMD[1:]]
     if execution.parsl == "htex_local":
         threads = max(1, (os.cpu_count() or 1) // execution.max_workers)
         provider = LocalProvider(init_blocks=1, min_blocks=1, max_blocks=1,
@@ -149,7 +148,7 @@ def label_in_worker(name: str, options: dict, atoms: Atoms, want_stress: bool, r
         os.chdir(folder)
         _WORKER_REFERENCES[key] = make_reference(name, options, retries=0)
     with _stderr_to(str(Path(run_dir) / "reference.log")):
-        return _WORKER_REFERENCES[key].compute(atoms, want_stress)
+        return _WORKER_REFERENCES[key].attempt(atoms, want_stress)  # the run retries
 
 
 # -- in the run ---------------------------------------------------------------------------
@@ -203,25 +202,17 @@ class ParslReference:
     def compute(self, atoms: Atoms, want_stress: bool | None = None) -> ReferenceResult:
         want_stress = bool(atoms.pbc.all()) if want_stress is None else want_stress
         self.start()
-        reasons = []
-        start = time.perf_counter()
-        for attempt in range(1, self.retries + 2):
-            future = self._app(self.name, self.options, atoms.copy(), want_stress, str(self.run_dir))
-            try:
-                result = future.result(timeout=self.timeout_s)
-            except concurrent.futures.TimeoutError:
-                reasons.append(f"attempt {attempt}: no result after {self.timeout_s:g} s (reference.timeout_s): "
-                               f"a lost worker or a hung Parsl interchange; see {self.run_dir / 'parsl'}")
-                continue
-            except FlytuneError:
-                raise
-            except Exception as exc:
-                reasons.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
-                continue
-            return dataclasses.replace(result, wall_s=time.perf_counter() - start, attempts=attempt)
-        raise ReferenceFailure(
-            f"reference {self.name!r} failed on {atoms.get_chemical_formula()} after {self.retries + 1} "
-            f"attempts through Parsl ({'; '.join(reasons)}); its stderr is in {self.log_path}")
+        return retrying(lambda: self.attempt(atoms, want_stress), self.name, atoms, self.retries,
+                        f" through Parsl (stderr in {self.log_path})")
+
+    def attempt(self, atoms: Atoms, want_stress: bool) -> ReferenceResult:
+        """One calculation on a worker, waited for at most ``timeout_s``."""
+        future = self._app(self.name, self.options, atoms.copy(), want_stress, str(self.run_dir))
+        try:
+            return future.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            raise ReferenceFailure(f"no result after {self.timeout_s:g} s (reference.timeout_s): a lost worker or "
+                                   f"a hung Parsl interchange; see {self.run_dir / 'parsl'}") from None
 
 
 def build_reference(reference: ReferenceConfig, execution: ExecutionConfig,

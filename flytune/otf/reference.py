@@ -14,6 +14,7 @@ earlier geometry), checks convergence and finite values, and retries on failure;
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import shutil
 import time
@@ -151,33 +152,49 @@ class Reference:
 
     def compute(self, atoms: Atoms, want_stress: bool | None = None) -> ReferenceResult:
         want_stress = bool(atoms.pbc.all()) if want_stress is None else want_stress
-        reasons = []
+        return retrying(lambda: self.attempt(atoms, want_stress), self.name, atoms, self.retries)
+
+    def attempt(self, atoms: Atoms, want_stress: bool) -> ReferenceResult:
+        """One calculation on a fresh calculator; raises what the program raised."""
         start = time.perf_counter()
-        for attempt in range(1, self.retries + 2):
-            try:
-                work = atoms.copy()
-                calc = self.factory()
-                calc.reset()  # never reuse a result of an earlier geometry
-                work.calc = calc
-                energy = float(work.get_potential_energy())
-                # the reference's own forces: an MD constraint (FixCom) projects them, and the
-                # projection is not a force any potential can fit (it gives ethanol a net force)
-                forces = np.array(work.get_forces(apply_constraint=False), dtype=float)
-                stress = np.array(work.get_stress(voigt=False), dtype=float) if want_stress else None
-                if not (np.isfinite(energy) and np.all(np.isfinite(forces))
-                        and (stress is None or np.all(np.isfinite(stress)))):
-                    raise ReferenceFailure("non-finite energy, forces or stress")
-                if forces.shape != (len(atoms), 3):
-                    raise ReferenceFailure(f"forces of shape {forces.shape} for {len(atoms)} atoms")
-                return ReferenceResult(energy, forces, stress, time.perf_counter() - start, attempt)
-            except FlytuneError:
-                raise
-            except Exception as exc:  # the reference program's own failure
-                reasons.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")
-        raise ReferenceFailure(
-            f"reference {self.name!r} failed on {atoms.get_chemical_formula()} after "
-            f"{self.retries + 1} attempts ({'; '.join(reasons)})"
-        )
+        work = atoms.copy()
+        calc = self.factory()
+        calc.reset()  # never reuse a result of an earlier geometry
+        work.calc = calc
+        energy = float(work.get_potential_energy())
+        # the reference's own forces: an MD constraint (FixCom) projects them, and the
+        # projection is not a force any potential can fit (it gives ethanol a net force)
+        forces = np.array(work.get_forces(apply_constraint=False), dtype=float)
+        stress = np.array(work.get_stress(voigt=False), dtype=float) if want_stress else None
+        if not (np.isfinite(energy) and np.all(np.isfinite(forces))
+                and (stress is None or np.all(np.isfinite(stress)))):
+            raise ReferenceFailure("non-finite energy, forces or stress")
+        if forces.shape != (len(atoms), 3):
+            raise ReferenceFailure(f"forces of shape {forces.shape} for {len(atoms)} atoms")
+        return ReferenceResult(energy, forces, stress, time.perf_counter() - start, 1)
+
+
+def retrying(attempt: Callable[[], ReferenceResult], name: str, atoms: Atoms, retries: int,
+             where: str = "") -> ReferenceResult:
+    """Run ``attempt`` up to ``retries + 1`` times until it returns; the result's ``wall_s``
+    covers every attempt and ``attempts`` counts them. A :class:`FlytuneError` (a setting
+    that is wrong) is raised at once; after the last failure, :class:`ReferenceFailure`
+    names the structure and every attempt's reason."""
+    reasons = []
+    start = time.perf_counter()
+    for number in range(1, retries + 2):
+        try:
+            result = attempt()
+        except FlytuneError:
+            raise
+        except Exception as exc:  # the reference program's own failure
+            reasons.append(f"attempt {number}: {type(exc).__name__}: {exc}")
+            continue
+        return dataclasses.replace(result, wall_s=time.perf_counter() - start, attempts=number)
+    raise ReferenceFailure(
+        f"reference {name!r} failed on {atoms.get_chemical_formula()} after {retries + 1} attempts{where} "
+        f"({'; '.join(reasons)})"
+    )
 
 
 def make_reference(name: str, options: dict | None = None, retries: int = 2) -> Reference:
