@@ -224,7 +224,7 @@ def main() -> None:
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
         labels="the reference's own forces (before 2026-12-03: the MD's FixCom projection of them)",
-        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates=updates,
+        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates_settings=updates,
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )

@@ -197,7 +197,8 @@ class UpdatesConfig(_Strict):
         "last update reaches the cost of an update, max_pending labels wait, or at a critical miss",
     )
     max_pending: PositiveInt = Field(16, description="deferred: update once this many labels wait")
-    critical_factor: PositiveFloat = Field(2.0, description="deferred: update at once when |error| > this × ε")
+    critical_factor: PositiveFloat = Field(
+        1.0, description="deferred: update at once when |error| > this × ε (an error outside the promise)")
     background: bool = Field(
         False, description="run updates in worker processes while the MD continues on the current ensemble "
         "(still calling the reference where it is uncertain); the new samples are swapped in when ready",

@@ -63,7 +63,7 @@ max_force_eV_A = 50
 [updates]                      # when a label is learned by a posterior update
 policy = "every"               # every | deferred (wait until the calls since the last update cost as much as one)
 max_pending = 16               # deferred: update once this many labels wait
-critical_factor = 2.0          # deferred: update at once when |error| > this × ε
+critical_factor = 1.0          # deferred: update at once when |error| > this × ε
 background = false             # true: update in the worker processes while the MD goes on
 
 [execution]                    # where the reference calls run

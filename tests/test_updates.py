@@ -58,6 +58,18 @@ def test_a_critical_miss_or_a_full_queue_updates_at_once():
     assert schedule.add(label(4), error_eV=0.0, reference_s=0.1) == "max pending"
 
 
+def test_by_default_an_error_outside_the_promise_updates_at_once():
+    """critical_factor = 1: a deferred label whose |e| > ε is learned at once (with 2, PBE
+    ethanol met 16 errors in (ε, 2ε] in a row while its labels waited)."""
+    schedule = deferred(max_pending=100)
+    schedule.add(label(0), error_eV=0.0, reference_s=0.1, first=True)
+    schedule.take()
+    schedule.updated(100.0)
+    assert schedule.add(label(1), error_eV=0.99 * EPS, reference_s=0.1) is None
+    assert schedule.add(label(2), error_eV=-1.01 * EPS, reference_s=0.1) == "critical"
+    assert len(schedule.take()) == 2
+
+
 def test_pending_labels_survive_the_checkpoint():
     schedule = deferred()
     schedule.add(label(0), error_eV=0.0, reference_s=1.0, first=True)
