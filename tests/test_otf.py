@@ -23,7 +23,7 @@ from flytune.config import SafetyConfig
 from flytune.otf.calculator import OnTheFlyCalculator
 from flytune.otf.reference import Reference, make_reference
 from flytune.otf.run import run
-from flytune.otf.rundir import unpack
+from flytune.otf.rundir import cost_figures, unpack
 from flytune.report import read_run, summarize_run
 from flytune.runconfig import load_run_config
 
@@ -461,9 +461,10 @@ def test_background_updates_run_while_the_md_goes_on(workdir):
         ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
         UncertaintyConfig(threshold=0.05), seed=0,
     )
-    records = []
+    records, calls = [], []
     calc = OnTheFlyCalculator(ensemble, make_reference("conftest:SlowEMT", {"delay": 0.1}),
                               safety=SafetyConfig(force_call_after=3), on_update=records.append,
+                              on_intervention=lambda atoms, iv: calls.append(iv),
                               updates=UpdatesConfig(policy="deferred", background=True, max_pending=4,
                                                     critical_factor=1e6))
     atoms = read(workdir / "cu4.xyz")
@@ -480,6 +481,13 @@ def test_background_updates_run_while_the_md_goes_on(workdir):
     assert sum(r["labels_learned"] for r in records) == calc.state.reference_calls == len(ensemble.data)
     assert ensemble.learning == 0 and not calc.schedule.pending
     assert calc.state.time_update_s == pytest.approx(sum(r["waited_s"] for r in records))
+    # calls made while an update shared the machine are marked, and the speed-up's t_ref leaves them out
+    assert not calls[0].update_running and any(iv.update_running for iv in calls)
+    rows = [{"reference_s": t, "update_running": running} for t, running in ((1.0, False), (1.2, False),
+                                                                          (3.0, True), (3.1, True), (2.9, True))]
+    figures = cost_figures({"step": np.arange(11), "predict_s": np.full(11, 0.1)}, rows, [], 10.0)
+    assert figures["median_reference_s"] == pytest.approx(1.1)
+    assert figures["speedup_vs_reference_md"] == pytest.approx(10 * 1.1 / 10.0)
 
 
 def test_sigkill_during_a_background_update_loses_no_label(workdir):

@@ -76,6 +76,8 @@ class Intervention:
     #: why the posterior update ran right after this call (flytune.otf.updates), or "deferred"
     update: str = "every"
     labels_learned: int = 1  # labels that update learned (this one and those deferred before it)
+    #: a background update was running during the call (the two shared the machine)
+    update_running: bool = False
 
 
 @dataclass
@@ -337,6 +339,7 @@ class OnTheFlyCalculator(Calculator):
         """Call the reference at ``atoms``, where the ensemble predicted ``energy`` (eV,
         with the offset) and ``forces`` (eV/Å); learn the label now or queue it."""
         first = reason == "first"
+        update_running = bool(self.ensemble.learning)
         try:
             label, reference_s, replayed = self._reference_result(atoms)
         except ReferenceFailure:
@@ -371,7 +374,7 @@ class OnTheFlyCalculator(Calculator):
             shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
             reference_s=reference_s, update_s=update_s, first=first, reason=reason,
             update=update or "deferred", labels_learned=learned, label_misfit=misfit,
-            by_misfit=by_misfit,
+            by_misfit=by_misfit, update_running=update_running,
         )
         if self.on_intervention is not None:
             self.on_intervention(label, intervention)

@@ -333,12 +333,17 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
       probability calls that the label misfit caused (with the ensemble's σ alone, P was
       below the level; :func:`flytune.otf.decision.trusted_sigma`).
 
-    t_ref counts calls made in this run directory (a label replayed on resume costs 0).
+    t_ref counts calls made in this run directory (a label replayed on resume costs 0),
+    and only those made while no background update ran, when there are any: a call that
+    shares the cores with an update takes longer than the reference alone would, and
+    pricing the reference MD at that time would flatter the speed-up.
     """
     causes = [c for c in steps.get("uncontrolled", np.array([])) if c]
     by_cause = {c: causes.count(c) for c in sorted(set(causes))}
     md_steps = int(steps["step"][-1]) if "step" in steps and steps["step"].size else 0
-    t_ref = np.array([r["reference_s"] for r in interventions if r["reference_s"] > 0])
+    made = [r for r in interventions if r["reference_s"] > 0]
+    alone = [r for r in made if not r.get("update_running")]
+    t_ref = np.array([r["reference_s"] for r in (alone or made)])
     t_pred = steps.get("predict_s", np.array([]))
     t_pred = t_pred[np.isfinite(t_pred)]
     median_ref = float(np.median(t_ref)) if t_ref.size else None
