@@ -481,13 +481,21 @@ def test_background_updates_run_while_the_md_goes_on(workdir):
     assert sum(r["labels_learned"] for r in records) == calc.state.reference_calls == len(ensemble.data)
     assert ensemble.learning == 0 and not calc.schedule.pending
     assert calc.state.time_update_s == pytest.approx(sum(r["waited_s"] for r in records))
-    # calls made while an update shared the machine are marked, and the speed-up's t_ref leaves them out
+    # calls made while an update shared the machine are marked
     assert not calls[0].update_running and any(iv.update_running for iv in calls)
+
+
+def test_the_speedup_prices_the_reference_at_the_calls_made_alone():
+    """A call that shared the cores with a background update is slower than the reference
+    alone: t_ref leaves those out, unless every call was made so."""
     rows = [{"reference_s": t, "update_running": running} for t, running in ((1.0, False), (1.2, False),
                                                                           (3.0, True), (3.1, True), (2.9, True))]
-    figures = cost_figures({"step": np.arange(11), "predict_s": np.full(11, 0.1)}, rows, [], 10.0)
+    steps = {"step": np.arange(11), "predict_s": np.full(11, 0.1)}
+    figures = cost_figures(steps, rows, [], 10.0)
     assert figures["median_reference_s"] == pytest.approx(1.1)
     assert figures["speedup_vs_reference_md"] == pytest.approx(10 * 1.1 / 10.0)
+    contended = cost_figures(steps, [r for r in rows if r["update_running"]], [], 10.0)
+    assert contended["median_reference_s"] == pytest.approx(3.0)
 
 
 def test_sigkill_during_a_background_update_loses_no_label(workdir):

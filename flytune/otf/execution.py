@@ -176,7 +176,9 @@ class ParslReference:
                  "slurm": f"SLURM jobs of {e.slurm.nodes_per_block} node(s), partition {e.slurm.partition or '(default)'}, "
                           f"walltime {e.slurm.walltime}, {e.max_workers} call(s) per job"}.get(e.parsl, e.parsl)
         command = f", command {self.options['command']!r}" if "command" in self.options else ""
-        return f"reference {self.name!r} through Parsl ({where}{command}), timeout {self.timeout_s:g} s per attempt"
+        executors = ", ".join(f"{type(x).__name__} with {type(x.provider).__name__}" for x in self.config.executors)
+        return (f"reference {self.name!r} through Parsl ({where}{command}), timeout {self.timeout_s:g} s per attempt; "
+                f"Parsl config: {executors}, logs in {self.config.run_dir}")
 
     def start(self) -> None:
         from parsl import python_app

@@ -187,9 +187,7 @@ class OnTheFlyRun:
         c, atoms = self.config, self.structure
         m = c.model
         if isinstance(self.reference, ParslReference):
-            cfg = self.reference.config
-            executors = ", ".join(f"{type(e).__name__} with {type(e.provider).__name__}" for e in cfg.executors)
-            reference = f"{self.reference.describe()}; Parsl config: {executors}, logs in {cfg.run_dir}"
+            reference = self.reference.describe()
         else:
             reference = f"reference {c.reference.name!r} in this process"
         state = "resumes from its checkpoint" if self.rd.resumable else "new"
