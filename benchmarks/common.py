@@ -45,22 +45,24 @@ def update_results(name: str, key: str, value) -> Path:
     return write_results(name, results)
 
 
-def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int) -> dict:
-    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory: the
-    fine-tuned ensemble (``model.pt``) vs. the foundation ``backbone`` without fine-tuning,
-    both with the energy offset set at the run's first reference call. Reference
-    energies are cached in ``random_frames.jsonl`` next to the run directory, each with
-    its structure: an entry counts only while the trajectory still holds that structure
-    at that frame (a restarted run writes a different trajectory)."""
+def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int,
+                        trajectory: Path | None = None, cache_path: Path | None = None) -> dict:
+    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (or of
+    ``trajectory``, one walker's): the fine-tuned ensemble (``model.pt``) vs. the
+    foundation ``backbone`` without fine-tuning, both with the energy offset set at the
+    run's first reference call. Reference energies are cached in ``random_frames.jsonl``
+    next to the run directory (or ``cache_path``), each with its structure: an entry counts
+    only while the trajectory still holds that structure at that frame (a restarted run
+    writes a different trajectory)."""
     from ase.io import read
 
     from flytune.bayes.ensemble import Ensemble
     from flytune.otf.reference import make_reference
     from flytune.units import KCAL_MOL
 
-    frames = read(run_dir / "trajectory.traj", ":")
+    frames = read(trajectory or run_dir / "trajectory.traj", ":")
     picks = sorted(np.random.default_rng(0).choice(len(frames), size=min(n_frames, len(frames)), replace=False))
-    cache_path = run_dir.parent / "random_frames.jsonl"  # reference energies, resumable
+    cache_path = cache_path or run_dir.parent / "random_frames.jsonl"  # reference energies, resumable
     rows = map(json.loads, cache_path.read_text().splitlines()) if cache_path.exists() else []
     cache = {
         r["frame"]: r["energy_raw"]

@@ -174,7 +174,8 @@ def run_cmd(
         return
     otf.open()
     try:
-        with stop_on_sigint() as stop, RunProgress(cfg.md.total_steps, cfg.md.timestep_fs, quiet, console) as bar:
+        total = max(cfg.walker_md(i).total_steps for i in range(cfg.walker_count))
+        with stop_on_sigint() as stop, RunProgress(total, cfg.md.timestep_fs, quiet, console) as bar:
             summary = otf.advance(stop, bar, bar.update_step)
     finally:
         otf.close()
@@ -217,6 +218,12 @@ def print_summary(summary: dict, run_dir: str) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    for w in summary.get("walkers") or []:
+        console.print(
+            f"  walker {w['walker']}: {w['steps']} MD steps, {w['reference_calls']} reference calls, "
+            f"{fmt(w['exceed_fraction'] and 100 * w['exceed_fraction'], '.1f')} % above ε"
+            + (f", [bold red]{w['steps_uncontrolled']} steps outside the promise[/]" if w["steps_uncontrolled"] else ""),
+            highlight=False, soft_wrap=True)
 
 
 @app.command("status")

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
+                      field_validator, model_validator)
 
 from flytune.units import KCAL_MOL, EnergyUnit, energy_to_eV
 
@@ -242,6 +243,24 @@ class ExecutionConfig(_Strict):
         return value
 
 
+class WalkerConfig(_Strict):
+    """One ``[[walkers]]`` table: a trajectory of its own that teaches the run's one
+    ensemble. What it leaves out is the run's (``structure``, ``[md]``); ``seed``
+    defaults to the run's seed + the walker's index."""
+
+    structure: str | None = Field(None, description="start structure; default: the run's")
+    temperature_K: PositiveFloat | None = Field(None, description="held temperature (replaces the run's schedule)")
+    schedule: list[Segment] | None = Field(None, description="temperature schedule of this walker")
+    seed: int | None = Field(None, description="velocities and thermostat noise; default: run seed + index")
+    md: dict = Field(default_factory=dict, description="other [md] settings of this walker (driver, friction_per_fs, ...)")
+
+    @model_validator(mode="after")
+    def _one_temperature(self) -> WalkerConfig:
+        if self.temperature_K is not None and self.schedule is not None:
+            raise ValueError("give a walker temperature_K or a schedule, not both")
+        return self
+
+
 class RunConfig(_Strict):
     """The whole on-the-fly run (``flytune run CONFIG.toml``)."""
 
@@ -256,12 +275,47 @@ class RunConfig(_Strict):
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     execution: ExecutionConfig = Field(default_factory=ExecutionConfig)
     checkpoint_every: PositiveInt = Field(100, description="MD steps between periodic checkpoints")
+    walkers: list[WalkerConfig] = Field(
+        default_factory=list, description="trajectories sharing the ensemble; none: one walker, the run's own")
 
     #: settings that define a run: a run directory made with others cannot be resumed
     IDENTITY: ClassVar[tuple[str, ...]] = (
         "structure", "seed", "model.backbone", "model.chains", "model.prior", "model.sigma_prior",
-        "model.posterior", "model.head_widths", "reference.name", "md.driver", "md.timestep_fs",
+        "model.posterior", "model.head_widths", "reference.name", "md.driver", "md.timestep_fs", "walkers",
     )
+
+    @model_validator(mode="after")
+    def _walker_md(self) -> RunConfig:
+        for i in range(len(self.walkers)):
+            self.walker_md(i)
+        return self
+
+    @property
+    def walker_count(self) -> int:
+        return max(1, len(self.walkers))
+
+    def walker_structure(self, i: int) -> str:
+        return (self.walkers[i].structure if self.walkers else None) or self.structure
+
+    def walker_seed(self, i: int) -> int:
+        seed = self.walkers[i].seed if self.walkers else None
+        return self.seed + i if seed is None else seed
+
+    def walker_md(self, i: int) -> MDConfig:
+        """The ``[md]`` of walker ``i``: the run's, with the walker's settings on top."""
+        if not self.walkers:
+            return self.md
+        w = self.walkers[i]
+        settings = self.md.model_dump() | w.md
+        if w.temperature_K is not None:
+            settings.update(temperature_K=w.temperature_K, schedule=[])
+        elif w.schedule is not None:
+            settings["schedule"] = [s.model_dump() for s in w.schedule]
+        try:
+            return MDConfig.model_validate(settings)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            raise ValueError(f"walkers[{i}].md.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
     def identity(self) -> dict:
         dump = self.model_dump(mode="json")

@@ -105,21 +105,24 @@ class RunProgress(_Bar):
     def __init__(self, total_steps: int, timestep_fs: float, quiet: bool = False, console: Console | None = None):
         self.timestep_fs = timestep_fs
         self._progress = self._bar("[bold]MD", "{task.fields[ps]:.3f} ps", "calls {task.fields[calls]}",
-                                   "P {task.fields[prob]}", "{task.fields[temperature]:.0f} K",
+                                   "P {task.fields[prob]}", "{task.fields[temperature]} K",
                                    "{task.fields[update]}", quiet=quiet, console=console)
-        self._task = self._progress.add_task("md", total=total_steps, ps=0.0, calls=0, prob="-", temperature=0.0,
+        self._task = self._progress.add_task("md", total=total_steps, ps=0.0, calls=0, prob="-", temperature="-",
                                           update="")
 
     def __call__(self, run) -> None:
-        results = run.calc.results
+        walkers = run.walkers
+        done = max(w.dyn.nsteps for w in walkers)  # every walker not yet at its end steps once per round
+        prob = max(w.calc.results.get("prob_exceed", float("nan")) for w in walkers)
+        temperatures = [w.atoms.get_temperature() for w in walkers]
         self._progress.update(
             self._task,
-            completed=run.dyn.nsteps,
-            ps=run.dyn.nsteps * self.timestep_fs / 1000,
+            completed=done,
+            ps=done * self.timestep_fs / 1000,
             calls=run.calc.state.reference_calls,
-            prob=f"{results.get('prob_exceed', float('nan')):.3f}"
+            prob=f"{prob:.3f}"
             + (f" [bold red]{n} steps without the call asked for[/]" if (n := run.calc.state.steps_uncontrolled) else ""),
-            temperature=run.atoms.get_temperature(),
+            temperature=" ".join(f"{t:.0f}" for t in temperatures),
             update="",
         )
 

@@ -33,7 +33,7 @@ from scipy.ndimage import gaussian_filter1d
 
 from flytune.config import UncertaintyConfig
 from flytune.errors import FlytuneError
-from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures
+from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures, md_steps_of, walker_figures
 from flytune.units import energy_to_eV
 
 FIGURES = ("calls", "probability", "errors", "sigma_error", "calibration", "traces")
@@ -51,6 +51,7 @@ class RunLog:
     confidence: float
     unit: str  # the user's energy unit for display
     summary: dict | None  # summary.json of the last finished segment, if any
+    walkers: list[dict] | None = None  # per walker of a run with [[walkers]] (:func:`walker_figures`)
 
     @property
     def per_unit(self) -> float:
@@ -64,14 +65,16 @@ class RunLog:
 
 def read_run(path: str | Path) -> RunLog:
     """Load a run directory's logs; a :class:`FlytuneError` says what is missing."""
-    rd = RunDirectory(path)
+    rd = RunDirectory(path, walkers=None)
     if not rd.config.exists():
         raise FlytuneError(f"{str(path)!r} has no run_config.json; give a directory written by `flytune run`")
     config = json.loads(rd.config.read_text())["config"]
     uncertainty = UncertaintyConfig(**config.get("uncertainty", {}))
     summary = json.loads(rd.summary.read_text()) if rd.summary.exists() else None
-    return RunLog(Path(path), rd.read_steps(), rd.read_interventions(), rd.read_updates(), uncertainty.threshold_eV,
-                  uncertainty.confidence, uncertainty.threshold_unit, summary)
+    interventions = rd.read_interventions()
+    walkers = walker_figures(rd, interventions, uncertainty.threshold_eV) if rd.walkers else None
+    return RunLog(Path(path), rd.read_steps(None), interventions, rd.read_updates(), uncertainty.threshold_eV,
+                  uncertainty.confidence, uncertainty.threshold_unit, summary, walkers)
 
 
 # -- the statistics ---------------------------------------------------------------------
@@ -100,12 +103,12 @@ def summarize_run(run: RunLog) -> dict:
     times = np.array([r["time_fs"] for r in run.interventions])
     steps = run.steps.get("step", np.array([]))
     time_fs = run.steps.get("time_fs", np.array([]))
-    simulated_fs = float(time_fs[-1]) if time_fs.size else 0.0
+    simulated_fs = float(time_fs.max()) if time_fs.size else 0.0  # the walker furthest on
     out = {
         "run_dir": str(run.path),
-        "md_steps": int(steps[-1]) if steps.size else 0,
-        "simulated_ps": simulated_fs / 1000,
-        "force_calls": int(run.steps["force_call"][-1]) if "force_call" in run.steps and steps.size else 0,
+        "md_steps": md_steps_of(run.steps),
+        "simulated_ps": md_steps_of({"step": time_fs, "walker": run.steps["walker"]}) / 1000 if time_fs.size else 0.0,
+        "force_calls": int(run.steps["force_call"].max()) if "force_call" in run.steps and steps.size else 0,
         "reference_calls": len(run.interventions),
         "threshold_eV": run.threshold_eV,
         "unit": run.unit,
@@ -125,6 +128,8 @@ def summarize_run(run: RunLog) -> dict:
     }
     wall_s = run.summary.get("wall_s") if run.summary else None
     out.update(cost_figures(run.steps, run.interventions, run.updates, wall_s))
+    if run.walkers:
+        out["walkers"] = run.walkers
     if run.summary:
         out["wall_s"] = wall_s
         out["stopped"] = run.summary.get("stopped")
@@ -140,6 +145,13 @@ def _calls_by_quarter(times_fs: np.ndarray, total_fs: float) -> list[int]:
 
 
 # -- the figures ------------------------------------------------------------------------
+def _walker_rows(run: RunLog):
+    """(", walker i" or "", mask of its rows in ``run.steps``) for each walker."""
+    walker = run.steps.get("walker", np.zeros(run.steps["time_fs"].size, dtype=int))
+    for i in np.unique(walker):
+        yield (f", walker {i}" if run.walkers else ""), walker == i
+
+
 def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
     """Write every figure of :data:`FIGURES` under ``out``; returns name → path."""
     import matplotlib
@@ -183,7 +195,8 @@ def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
     if "prob_exceed" in run.steps:
         t = run.steps["time_fs"] / 1000
         prob = run.steps["prob_exceed"]
-        ax.plot(t, prob, lw=0.8, label="P(|e| > ε)")
+        for name, rows in _walker_rows(run):
+            ax.plot(t[rows], prob[rows], lw=0.8, label=f"P(|e| > ε){name}")
         called = run.steps.get("reference_called", np.zeros(t.size, bool)).astype(bool)
         ax.plot(t[called], prob[called], "r|", ms=8, label="reference call")
         uncontrolled = run.steps.get("uncontrolled", np.array([""] * t.size)) != ""
@@ -243,11 +256,14 @@ def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(6, 4.5), sharex=True)
     if "time_fs" in run.steps:
         t = run.steps["time_fs"] / 1000
-        ax1.plot(t, run.steps["energy_eV"] / u, lw=0.8)
+        for name, rows in _walker_rows(run):
+            ax1.plot(t[rows], run.steps["energy_eV"][rows] / u, lw=0.8)
+            ax2.plot(t[rows], run.steps["temperature_K"][rows], lw=0.8, label=name.strip(", ") or None)
         called = run.steps.get("reference_called", np.zeros(t.size, bool)).astype(bool)
         ax1.plot(t[called], run.steps["energy_eV"][called] / u, "r|", ms=8, label="reference call")
         ax1.legend(fontsize=8)
-        ax2.plot(t, run.steps["temperature_K"], lw=0.8)
+        if run.walkers:
+            ax2.legend(fontsize=7, ncol=2)
     ax1.set_ylabel(f"predicted E ({unit})")
     ax2.set_ylabel("temperature (K)")
     ax2.set_xlabel("simulated time (ps)")

@@ -71,6 +71,14 @@ backend = "local"              # local (this process) | parsl (docs/examples/slu
 # parsl = "htex_local"         # htex_local | slurm ([execution.slurm]) | a .py file defining a Parsl `config`
 # max_workers = 1              # reference calls at once (on this machine, or per SLURM job)
 # mpi_launcher = "srun -n 64"  # put before reference.options.command in the workers
+
+# Several trajectories teaching one ensemble: one [[walkers]] table each (none: one walker).
+# Each may set structure, temperature_K or schedule, seed and md = {...}; the rest is the run's.
+# [[walkers]]
+# temperature_K = 300
+# [[walkers]]
+# temperature_K = 600
+# md = {friction_per_fs = 0.02}
 '''
 
 
@@ -165,6 +173,10 @@ def load_run_config(path: str | Path) -> RunConfig:
         value = Path(getattr(config, key))
         if not value.is_absolute():
             updates[key] = str(base / value)
+    walkers = [w.model_copy(update={"structure": str(base / w.structure)})
+               if w.structure is not None and not Path(w.structure).is_absolute() else w for w in config.walkers]
+    if walkers != config.walkers:
+        updates["walkers"] = walkers
     backbone = base / config.model.backbone
     if not Path(config.model.backbone).is_absolute() and backbone.is_file():  # a model file next to the config
         updates["model"] = config.model.model_copy(update={"backbone": str(backbone)})

@@ -205,8 +205,9 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
 
     def spy(structures, **kwargs):  # the ensemble's own σ at each force call, and the misfit then
         out = predict(structures, **kwargs)
-        if isinstance(structures, Atoms) and calc.state.force_calls not in raw:
-            raw[calc.state.force_calls] = (structures.copy(), float(out.energy_std[0]), calc.misfit)
+        if calc.state.force_calls not in raw:  # the first prediction of a force call: its structure
+            structure = structures if isinstance(structures, Atoms) else structures[0]
+            raw[calc.state.force_calls] = (structure.copy(), float(out.energy_std[0]), calc.misfit)
         return out
 
     ensemble.predict = spy

@@ -9,6 +9,10 @@ reference's energy (plus the energy offset Δ), forces and, for periodic structu
 stress. A step where the rule asked for a call that a limit or a failed reference kept
 from being made is *uncontrolled*: it is counted and named.
 
+:meth:`OnTheFlyCalculator.evaluate` does the same for the structures of several walkers
+at once (:mod:`flytune.otf.walkers`): one batched prediction, their reference calls
+together, one update for the labels of the round.
+
 Properties: ``energy``, ``free_energy``, ``forces``, and ``stress`` for structures
 periodic in all three directions. Extra results readable from ``calc.results``:
 ``energy_std`` (eV: the σ the decision used, the ensemble's with the label misfit of
@@ -37,8 +41,8 @@ from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
 from flytune.otf.decision import Decision, LabelMisfit, trusted_sigma
-from flytune.otf.reference import Reference, ReferenceFailure
-from flytune.otf.rundir import label_record
+from flytune.otf.reference import Reference, ReferenceFailure, compute_concurrently
+from flytune.otf.rundir import label_from_record, label_record
 from flytune.otf.updates import UpdateSchedule
 
 
@@ -50,6 +54,15 @@ class UpdateInterrupted(Exception):
     """A stop request (Ctrl-C) arrived during a posterior update. The label is already on
     disk and the last checkpoint is from before it, so a resumed run replays the label and
     redoes the update in full instead of keeping a cut one."""
+
+
+def check_stress_defined(name: str, structure: Atoms | None) -> None:
+    """Refuse ``stress`` for a structure that is not periodic in all three directions."""
+    if name == "stress" and structure is not None and not structure.pbc.all():
+        raise PropertyNotImplementedError(
+            f"stress is defined for structures periodic in all three directions; "
+            f"{structure.get_chemical_formula()} has pbc={structure.pbc.tolist()}"
+        )
 
 
 @dataclass
@@ -78,15 +91,18 @@ class Intervention:
     labels_learned: int = 1  # labels that update learned (this one and those deferred before it)
     #: a background update was running during the call (the two shared the machine)
     update_running: bool = False
+    walker: int = 0  # whose structure was labelled
 
 
 @dataclass
 class CalculatorState:
     """Counters that a checkpoint must carry."""
 
-    force_calls: int = 0
+    force_calls: int = 0  # of all walkers
     reference_calls: int = 0
-    last_call: int | None = None  # force-call index of the last reference call
+    #: per walker: its force calls, and their count at its last reference call
+    walker_force_calls: dict[int, int] = field(default_factory=dict)
+    walker_last_call: dict[int, int] = field(default_factory=dict)
     time_predict_s: float = 0.0
     time_reference_s: float = 0.0
     time_update_s: float = 0.0
@@ -162,9 +178,16 @@ class OnTheFlyCalculator(Calculator):
         #: running in the background
         self._learning: tuple[list[Atoms], str, int, float] | None = None
         self._due: str | None = None  # why an update is due once the background one finishes
-        self.misfit: LabelMisfit | None = None  # of the members that predict now, at the newest label
+        #: per walker, how the members that predict now miss its newest label, and that label
+        self.misfits: dict[int, LabelMisfit] = {}
+        self.newest: dict[int, Atoms] = {}
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
+
+    @property
+    def misfit(self) -> LabelMisfit | None:
+        """The label misfit of walker 0 (the only one of a calculator under one driver)."""
+        return self.misfits.get(0)
 
     # -- ASE contract ----------------------------------------------------------------
     @property
@@ -175,73 +198,102 @@ class OnTheFlyCalculator(Calculator):
         return ["energy", "free_energy", "forces"] + (["stress"] if periodic else [])
 
     def get_property(self, name, atoms=None, allow_calculation=True):
-        structure = atoms if atoms is not None else self.atoms
-        if name == "stress" and structure is not None and not structure.pbc.all():
-            raise PropertyNotImplementedError(
-                f"stress is defined for structures periodic in all three directions; "
-                f"{structure.get_chemical_formula()} has pbc={structure.pbc.tolist()}"
-            )
+        check_stress_defined(name, atoms if atoms is not None else self.atoms)
         return super().get_property(name, atoms, allow_calculation)
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        atoms = self.atoms
-        self.ensemble.data.check_composition(atoms, fix="start a new run for the new composition")
-        self.poll_update()
-        self.state.force_calls += 1
-        start = time.perf_counter()
-        pred = self.ensemble.predict(atoms)
-        predict_s = time.perf_counter() - start
-        self.state.time_predict_s += predict_s
-        energy, sigma = float(pred.energy[0]), float(pred.energy_std[0])
-        st = self.state
-        misfit = self.misfit.at(atoms) if self.misfit is not None and self.ensemble.uncertainty.label_misfit else 0.0
-        ensemble_sigma, sigma = sigma, float(trusted_sigma(sigma, self.ensemble.model.energy_sigma, misfit))
-        verdict = self.decision.decide(
-            sigma, labels=len(self.ensemble.data) + len(self.schedule.pending), reference_calls=st.reference_calls,
-            since_call=st.force_calls - st.last_call if st.last_call is not None else st.force_calls,
-        )
-        called = False
-        uncontrolled = verdict.reason if verdict.uncontrolled else ""
-        results = {"energy": energy, "forces": pred.forces}
-        if pred.stress is not None and atoms.pbc.all():
-            results["stress"] = pred.stress[0]
-        if verdict.call:
-            by_misfit = (verdict.reason == "probability" and sigma > ensemble_sigma
-                         and not self.decision.wants_call(self.decision.prob_exceed(ensemble_sigma)))
-            reference = self._label(atoms, energy, pred.forces, sigma, verdict.prob_exceed, verdict.reason, misfit,
-                                    by_misfit)
-            if reference is not None:
-                results, called = reference, True
-            else:
-                uncontrolled = "reference failed"
-        if uncontrolled:
-            st.uncontrolled[uncontrolled] = st.uncontrolled.get(uncontrolled, 0) + 1
-        results["free_energy"] = results["energy"]
-        if "stress" in results:
-            results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
-        results.update(energy_std=sigma, prob_exceed=verdict.prob_exceed, reference_called=called,
-                       uncontrolled=uncontrolled)
-        self.results = results
-        if self.on_step is not None:
-            self.on_step({"force_call": st.force_calls, "energy_eV": results["energy"], "energy_std_eV": sigma,
-                          "prob_exceed": verdict.prob_exceed, "reference_called": called,
-                          "uncontrolled": uncontrolled, "predict_s": predict_s})
+        self.results = self.evaluate([self.atoms])[0]
 
-    def _reference_result(self, atoms: Atoms) -> tuple[Atoms, float, bool]:
-        """(labelled structure, reference seconds, replayed): a pending label written before
-        a kill when the resumed MD reaches the same structure, else a fresh reference call."""
-        while self.pending and self.pending[0].force_call < self.state.force_calls:
-            self._adopt(self.pending.pop(0))  # the resumed MD went elsewhere: keep the label
-        if self.pending and self.pending[0].force_call == self.state.force_calls:
-            candidate = self.pending.pop(0)
-            if np.array_equal(candidate.atoms.positions, atoms.positions):
-                return candidate.atoms, 0.0, True
-            self._adopt(candidate)
-        result = self.reference.compute(atoms)
-        label = labelled(atoms, result.energy, result.forces, result.stress)
-        label.info.update(force_call=self.state.force_calls)
-        return label, result.wall_s, False
+    def evaluate(self, structures: list[Atoms], walkers: list[int] | None = None) -> list[dict]:
+        """The results (as :attr:`results`) at each of ``structures``, the current structure of
+        walker ``walkers[i]`` (default 0, 1, ...) of a run whose walkers share this ensemble.
+
+        One batched ensemble prediction; the decisions in order; the reference calls that
+        they ask for made at once (:func:`~flytune.otf.reference.compute_concurrently`), each
+        label written as it returns; then, in order, the errors into the calibration and the
+        labels into the update schedule, and at most one update for all of them."""
+        walkers = list(range(len(structures))) if walkers is None else list(walkers)
+        for atoms in structures:
+            self.ensemble.data.check_composition(atoms, fix="start a new run for the new composition")
+        self.poll_update()
+        st = self.state
+        first_call = st.force_calls + 1
+        st.force_calls += len(structures)
+        for walker in walkers:
+            st.walker_force_calls[walker] = st.walker_force_calls.get(walker, 0) + 1
+        start = time.perf_counter()
+        pred = self.ensemble.predict(structures)
+        predict_s = time.perf_counter() - start
+        st.time_predict_s += predict_s
+        first_round = len(self.ensemble.data) + len(self.schedule.pending) == 0
+        steps, calls = [], []
+        for i, (atoms, walker) in enumerate(zip(structures, walkers)):
+            forces = pred.forces[pred.structure_index == i]
+            energy, sigma = float(pred.energy[i]), float(pred.energy_std[i])
+            misfit = self.misfits.get(walker)
+            r = misfit.at(atoms) if misfit is not None and self.ensemble.uncertainty.label_misfit else 0.0
+            ensemble_sigma, sigma = sigma, float(trusted_sigma(sigma, self.ensemble.model.energy_sigma, r))
+            last = st.walker_last_call.get(walker)
+            mine = st.walker_force_calls[walker]
+            verdict = self.decision.decide(sigma, labels=0 if first_round else 1,
+                                           reference_calls=st.reference_calls + len(calls),
+                                           since_call=mine - last if last is not None else mine)
+            results = {"energy": energy, "forces": forces}
+            if pred.stress is not None and atoms.pbc.all():
+                results["stress"] = pred.stress[i]
+            step = {"atoms": atoms, "walker": walker, "force_call": first_call + i, "energy": energy,
+                    "forces": forces, "sigma": sigma, "verdict": verdict, "misfit": r, "results": results,
+                    "uncontrolled": verdict.reason if verdict.uncontrolled else "", "called": False,
+                    "by_misfit": verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
+                    and not self.decision.wants_call(self.decision.prob_exceed(ensemble_sigma))}
+            steps.append(step)
+            if verdict.call:
+                calls.append(step)
+        if calls:
+            self._label_all(calls, first_round)
+        out = []
+        for step in steps:
+            results, verdict, uncontrolled = step["results"], step["verdict"], step["uncontrolled"]
+            if uncontrolled:
+                st.uncontrolled[uncontrolled] = st.uncontrolled.get(uncontrolled, 0) + 1
+            results["free_energy"] = results["energy"]
+            if "stress" in results:
+                results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
+            results.update(energy_std=step["sigma"], prob_exceed=verdict.prob_exceed, reference_called=step["called"],
+                           uncontrolled=uncontrolled)
+            out.append(results)
+            if self.on_step is not None:
+                self.on_step({"force_call": step["force_call"], "walker": step["walker"],
+                              "energy_eV": results["energy"], "energy_std_eV": step["sigma"],
+                              "prob_exceed": verdict.prob_exceed, "reference_called": step["called"],
+                              "uncontrolled": uncontrolled, "predict_s": predict_s / len(structures)})
+        return out
+
+    def _reference_results(self, calls: list[dict]):
+        """(step, labelled structure or :class:`ReferenceFailure`, reference seconds,
+        replayed) for each of ``calls``, as each becomes known: a pending label written
+        before a kill when the resumed MD reaches the same structure, else a reference call
+        (all of them at once where the reference allows)."""
+        fresh = []
+        for step in calls:
+            while self.pending and self.pending[0].force_call < step["force_call"]:
+                self._adopt(self.pending.pop(0))  # the resumed MD went elsewhere: keep the label
+            if self.pending and self.pending[0].force_call == step["force_call"]:
+                candidate = self.pending.pop(0)
+                if np.array_equal(candidate.atoms.positions, step["atoms"].positions):
+                    yield step, candidate.atoms, 0.0, True
+                    continue
+                self._adopt(candidate)
+            fresh.append(step)
+        for i, result in compute_concurrently(self.reference, [step["atoms"] for step in fresh]):
+            step = fresh[i]
+            if isinstance(result, ReferenceFailure):
+                yield step, result, 0.0, False
+                continue
+            label = labelled(step["atoms"], result.energy, result.forces, result.stress)
+            label.info.update(force_call=step["force_call"])
+            yield step, label, result.wall_s, False
 
     def _update_progress(self, chain: int, step: int, mean_ll: float) -> None:
         if step == 3:
@@ -251,6 +303,7 @@ class OnTheFlyCalculator(Calculator):
 
     def _adopt(self, pending: PendingLabel) -> None:
         """Queue a label whose structure the resumed run did not revisit (no loss, no call)."""
+        self.newest[int(pending.atoms.info.get("walker", 0))] = pending.atoms
         reason = self.schedule.add(pending.atoms, error_eV=0.0, reference_s=0.0)
         if reason is not None:
             self.learn_pending(reason)
@@ -314,15 +367,23 @@ class OnTheFlyCalculator(Calculator):
                 "model.cycle_steps, then resume: the last checkpoint is from before this update"
             )
         start = time.perf_counter()
-        newest = self.schedule.pending[-1] if self.schedule.pending else labels[-1]
-        pred = self.ensemble.predict(newest)
-        self.misfit = LabelMisfit.measure(newest, float(pred.energy[0]), pred.forces, self.ensemble.data.energy_offset)
+        if not self.newest:  # a checkpoint from before per-walker labels
+            self.newest[int(labels[-1].info.get("walker", 0))] = labels[-1]
+        walkers = sorted(self.newest)  # each walker's newest label (one that came during a background update too)
+        if walkers:
+            newest = [self.newest[w] for w in walkers]
+            pred = self.ensemble.predict(newest)
+            for i, (walker, label) in enumerate(zip(walkers, newest)):
+                self.misfits[walker] = LabelMisfit.measure(label, float(pred.energy[i]),
+                                                           pred.forces[pred.structure_index == i],
+                                                           self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
         self.schedule.updated(update_s)
         self.state.time_update_s += waited_s
         self.state.updates += 1
         if self.on_update is not None:
-            residual = self.misfit.force_residual_eV_A
+            misfit = self.misfits[max(self.newest, key=lambda w: self.newest[w].info.get("force_call", 0))]
+            residual = misfit.force_residual_eV_A
             chains = self.ensemble.chains
             chain_steps = sum(chain.state.step for chain in chains)
             workers = max(1, self.ensemble.config.workers)  # the longest worker's compute:
@@ -331,57 +392,83 @@ class OnTheFlyCalculator(Calculator):
                             "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
                             "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
                             "worker_s": worker_s, "overhead_s": update_s - worker_s,
-                            "label_misfit_eV": abs(self.misfit.energy_residual_eV),
+                            "label_misfit_eV": abs(misfit.energy_residual_eV),
                             "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))), **extra})
 
-    def _label(self, atoms: Atoms, energy: float, forces: np.ndarray, sigma: float, prob: float, reason: str,
-               misfit: float = 0.0, by_misfit: bool = False) -> dict | None:
-        """Call the reference at ``atoms``, where the ensemble predicted ``energy`` (eV,
-        with the offset) and ``forces`` (eV/Å); learn the label now or queue it."""
-        first = reason == "first"
+    def _label_all(self, calls: list[dict], first_round: bool) -> None:
+        """Label the structures of ``calls`` (steps of :meth:`evaluate` whose verdict asked
+        for a call): each label is written as it returns; then, in order, its error feeds
+        the calibration (σ predicted before the update) and the label the update schedule;
+        at most one update learns them all. Fills each step's results with the reference's
+        energy (plus the offset Δ), forces and stress."""
         update_running = bool(self.ensemble.learning)
-        try:
-            label, reference_s, replayed = self._reference_result(atoms)
-        except ReferenceFailure:
-            if self.on_failure == "skip" and not first:
-                self.state.skipped_failures += 1
-                return None
-            raise
-        self.state.time_reference_s += reference_s
         data = self.ensemble.data
-        offset = data.set_energy_offset(label) if first else data.energy_offset
-        raw = label.get_potential_energy()
-        error = raw + offset - energy
-        calibrated = self.decision.calibrated_sigma(sigma)
-        label.info.update(energy_raw=raw, energy_offset=offset, energy_pred=energy,
-                          energy_std=sigma, prob_exceed=prob)
-        if self.on_label is not None and not replayed:
-            self.on_label(label, {"first": first})
-        if not first:
-            self.decision.observe(error, sigma)  # σ predicted before the update
-        faults.point("label-written")
-        update = self.schedule.add(label, error_eV=error, reference_s=reference_s, first=first)
-        update_s, learned = self.learn_pending(update) if update is not None else (0.0, 0)
-        if update is not None and self.schedule.config.background:
-            update = f"background: {update}" if learned else "deferred: an update is running"
-        if update is None or self.schedule.config.background:  # the members that predicted here go on
-            self.misfit = LabelMisfit.measure(label, energy, forces, offset)
-        self.state.reference_calls += 1
-        self.state.last_call = self.state.force_calls
-        intervention = Intervention(
-            force_call=self.state.force_calls, energy_pred=energy, energy_std=sigma, prob_exceed=prob,
-            energy_ref_raw=raw, energy_ref=raw + offset, error=error, calibrated_std=calibrated,
-            shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
-            reference_s=reference_s, update_s=update_s, first=first, reason=reason,
-            update=update or "deferred", labels_learned=learned, label_misfit=misfit,
-            by_misfit=by_misfit, update_running=update_running,
-        )
-        if self.on_intervention is not None:
-            self.on_intervention(label, intervention)
-        results = {"energy": raw + offset, "forces": label.get_forces(apply_constraint=False)}  # the MD applies its own
-        if "stress" in label.calc.results and atoms.pbc.all():
-            results["stress"] = label.get_stress(voigt=False)
-        return results
+        done, failure = {}, None
+        for step, label, reference_s, replayed in self._reference_results(calls):
+            if isinstance(label, ReferenceFailure):
+                if self.on_failure == "skip" and not first_round:
+                    self.state.skipped_failures += 1
+                    step["uncontrolled"] = "reference failed"
+                else:
+                    failure = failure or label
+                continue
+            label.info.update(walker=step["walker"], energy_pred=step["energy"], energy_std=step["sigma"],
+                              prob_exceed=step["verdict"].prob_exceed, energy_raw=label.get_potential_energy())
+            if first_round and step is calls[0]:  # Δ from the run's first structure
+                data.set_energy_offset(label)
+            if data.energy_offset is not None:
+                label.info.update(energy_offset=data.energy_offset)
+            if self.on_label is not None and not replayed:
+                self.on_label(label, {"first": step["verdict"].reason == "first"})
+            faults.point("label-written")
+            done[id(step)] = (label, reference_s)
+        if failure is not None:
+            raise failure
+        labelled_steps = [step for step in calls if id(step) in done]
+        reasons = []
+        for step in labelled_steps:
+            label, reference_s = done[id(step)]
+            first = step["verdict"].reason == "first"
+            offset, raw = data.energy_offset, label.get_potential_energy()
+            label.info.update(energy_offset=offset)
+            step["error"] = raw + offset - step["energy"]
+            step["calibrated"] = self.decision.calibrated_sigma(step["sigma"])
+            if not first:
+                self.decision.observe(step["error"], step["sigma"])  # σ predicted before the update
+            self.state.time_reference_s += reference_s
+            reason = self.schedule.add(label, error_eV=step["error"], reference_s=reference_s, first=first)
+            reasons.append(reason)
+            self.newest[step["walker"]] = label
+        due = next((r for r in reasons if r is not None), None)
+        update_s, learned = self.learn_pending(due) if due is not None else (0.0, 0)
+        if due is not None and self.schedule.config.background:
+            due = f"background: {due}" if learned else "deferred: an update is running"
+        if due is None or self.schedule.config.background:  # the members that predicted here go on
+            for step in labelled_steps:
+                self.misfits[step["walker"]] = LabelMisfit.measure(done[id(step)][0], step["energy"], step["forces"],
+                                                                    data.energy_offset)
+        for n, step in enumerate(labelled_steps):
+            label, reference_s = done[id(step)]
+            last = n == len(labelled_steps) - 1  # the update, if any, is booked on the round's last call
+            self.state.reference_calls += 1
+            self.state.walker_last_call[step["walker"]] = self.state.walker_force_calls[step["walker"]]
+            raw, offset = label.get_potential_energy(), data.energy_offset
+            intervention = Intervention(
+                force_call=step["force_call"], energy_pred=step["energy"], energy_std=step["sigma"],
+                prob_exceed=step["verdict"].prob_exceed, energy_ref_raw=raw, energy_ref=raw + offset,
+                error=step["error"], calibrated_std=step["calibrated"],
+                shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
+                reference_s=reference_s, update_s=update_s if last else 0.0, first=step["verdict"].reason == "first",
+                reason=step["verdict"].reason, update=due or "deferred", labels_learned=learned if last else 0,
+                label_misfit=step["misfit"], by_misfit=step["by_misfit"], update_running=update_running,
+                walker=step["walker"],
+            )
+            if self.on_intervention is not None:
+                self.on_intervention(label, intervention)
+            results = {"energy": raw + offset, "forces": label.get_forces(apply_constraint=False)}  # the MD applies its own
+            if "stress" in label.calc.results and step["atoms"].pbc.all():
+                results["stress"] = label.get_stress(voigt=False)
+            step["results"], step["called"] = results, True
 
     # -- state for checkpoints ------------------------------------------------------
     def state_dict(self) -> dict:
@@ -393,16 +480,25 @@ class OnTheFlyCalculator(Calculator):
         schedule = self.schedule.state_dict()
         if self._learning is not None:  # not in the checkpoint's data: waiting again on resume
             schedule["pending"] = [label_record(a) for a in self._learning[0]] + schedule["pending"]
-        misfit = self.misfit.state_dict() if self.misfit is not None else None
-        return {"state": asdict(self.state), "cache": cache, "schedule": schedule, "misfit": misfit}
+        return {"state": asdict(self.state), "cache": cache, "schedule": schedule,
+                "misfits": {w: m.state_dict() for w, m in self.misfits.items()},
+                "newest": {w: label_record(a) for w, a in self.newest.items()}}
 
-    def load_state_dict(self, state: dict, atoms: Atoms) -> None:
-        """Restore counters, the labels waiting for an update and the result cache for
-        ``atoms`` (so no extra call happens)."""
-        self.state = CalculatorState(**state["state"])
+    def load_state_dict(self, state: dict, atoms: Atoms | None = None) -> None:
+        """Restore counters, the labels waiting for an update, each walker's newest label and
+        misfit, and the result cache for ``atoms`` (so no extra call happens)."""
+        counters = dict(state["state"])
+        last_call = counters.pop("last_call", None)  # a checkpoint from before walkers
+        if "walker_force_calls" not in counters:
+            counters["walker_force_calls"] = {0: counters["force_calls"]}
+            counters["walker_last_call"] = {0: last_call} if last_call is not None else {}
+        self.state = CalculatorState(**counters)
         self.schedule.load_state_dict(state.get("schedule", {}))
-        misfit = state.get("misfit")
-        self.misfit = LabelMisfit.from_state_dict(misfit) if misfit is not None else None
+        misfits = state.get("misfits", {0: state["misfit"]} if state.get("misfit") else {})
+        self.misfits = {int(w): LabelMisfit.from_state_dict(m) for w, m in misfits.items()}
+        self.newest = {int(w): label_from_record(r) for w, r in state.get("newest", {}).items()}
+        if atoms is None:
+            return
         cache = state.get("cache")
         if cache is not None:
             self.atoms = atoms.copy()

@@ -156,6 +156,9 @@ class ParslReference:
     """Labels structures through Parsl: the contract of :class:`~flytune.otf.reference.Reference`
     (``compute(atoms) -> ReferenceResult``), each attempt a Parsl app with a timeout."""
 
+    #: calls of several walkers run at once (:func:`~flytune.otf.reference.compute_concurrently`)
+    concurrent = True
+
     def __init__(self, reference: ReferenceConfig, execution: ExecutionConfig, run_dir: str | os.PathLike):
         self.name = reference.name
         self.options = with_mpi_launcher(reference.options, execution.mpi_launcher)

@@ -18,7 +18,8 @@ import dataclasses
 import importlib
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,6 +146,9 @@ class Reference:
     :class:`ReferenceFailure` naming the structure and the reason.
     """
 
+    #: calls run one after another in this process (a Parsl reference runs them at once)
+    concurrent = False
+
     def __init__(self, name: str, factory: Callable[[], Calculator], retries: int = 2):
         self.name = name
         self.factory = factory
@@ -195,6 +199,28 @@ def retrying(attempt: Callable[[], ReferenceResult], name: str, atoms: Atoms, re
         f"reference {name!r} failed on {atoms.get_chemical_formula()} after {retries + 1} attempts{where} "
         f"({'; '.join(reasons)})"
     )
+
+
+def compute_concurrently(reference, structures: Sequence[Atoms]) -> Iterator[tuple[int, ReferenceResult | ReferenceFailure]]:
+    """``(i, result)`` for each of ``structures`` as its call finishes, the result a
+    :class:`ReferenceFailure` when every attempt failed. A reference whose ``concurrent``
+    is true (calls on Parsl workers) gets every call at once, each with its own retries
+    and timeout; an in-process one makes them one after another, in order."""
+    if len(structures) <= 1 or not getattr(reference, "concurrent", False):
+        for i, atoms in enumerate(structures):
+            try:
+                yield i, reference.compute(atoms)
+            except ReferenceFailure as exc:
+                yield i, exc
+        return
+    pool = ThreadPoolExecutor(len(structures), thread_name_prefix="reference")
+    try:
+        futures = {pool.submit(reference.compute, atoms): i for i, atoms in enumerate(structures)}
+        for future in as_completed(futures):
+            exc = future.exception()
+            yield futures[future], exc if isinstance(exc, ReferenceFailure) else future.result()
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_reference(name: str, options: dict | None = None, retries: int = 2) -> Reference:

@@ -24,12 +24,13 @@ from flytune.bayes.calibration import Calibrator
 from flytune.bayes.chain import Progress
 from flytune.bayes.ensemble import Ensemble, saved_calibrator
 from flytune.config import MDConfig, RunConfig
-from flytune.data import read_structures
+from flytune.data import read_structures, same_composition
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, UpdateInterrupted
 from flytune.otf.execution import ParslReference, build_reference
 from flytune.otf.reference import ReferenceFailure
-from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures
+from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures, walker_figures
+from flytune.otf.walkers import Walker, WalkerCalculator, run_together
 from flytune.units import KCAL_MOL
 
 Log = Callable[[str], None]
@@ -121,18 +122,19 @@ def read_start_structure(path: str) -> Atoms:
     return atoms
 
 
-def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDConfig, wall_s: float,
+def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, walkers: list[Walker], wall_s: float,
               stopped: str | None) -> dict:
     """Figures of the run from its files (so a resumed run reports the whole run), scored
-    against the threshold ε in force now."""
+    against the threshold ε in force now; with several walkers, also per walker."""
     threshold = calc.decision.threshold_eV
     interventions = rd.read_interventions()
     exceed, rmse = intervention_figures(interventions, threshold)
     st = calc.state
     cal = calc.decision.calibrator
-    return {
+    md_steps = sum(w.dyn.nsteps for w in walkers)
+    summary = {
         "steps": md_steps,
-        "simulated_ps": md_steps * md.timestep_fs / 1000,
+        "simulated_ps": sum(w.dyn.nsteps * w.md.timestep_fs for w in walkers) / 1000,
         "force_calls": st.force_calls,
         "reference_calls": st.reference_calls,
         "exceed_fraction": exceed,
@@ -148,9 +150,12 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, md: MDC
         "wall_s": wall_s,
         "skipped_reference_failures": st.skipped_failures,
         "labels_pending": len(calc.schedule.pending),
-        **cost_figures(rd.read_steps(), interventions, rd.read_updates(), wall_s),
+        **cost_figures(rd.read_steps(None), interventions, rd.read_updates(), wall_s),
         "stopped": stopped,
     }
+    if rd.walkers:
+        summary["walkers"] = walker_figures(rd, interventions, threshold)
+    return summary
 
 
 def uncontrolled_line(summary: dict) -> str | None:
@@ -169,18 +174,35 @@ class OnTheFlyRun:
     def __init__(self, config: RunConfig, log: Log = print):
         self.config = config
         self.log = log
-        self.rd = RunDirectory(config.run_dir)
-        # cheap checks first: structure, reference, resumability
-        self.structure = read_start_structure(config.structure)
+        self.rd = RunDirectory(config.run_dir, len(config.walkers))
+        # cheap checks first: structures, reference, resumability
+        self.structures = [read_start_structure(config.walker_structure(i)) for i in range(config.walker_count)]
+        self.structure = self.structures[0]
+        if not same_composition(self.structures):
+            formulas = ", ".join(f"walker {i}: {a.get_chemical_formula()}" for i, a in enumerate(self.structures))
+            raise FlytuneError(
+                f"the walkers' structures differ in composition ({formulas}); one run fits one energy offset, "
+                "which holds for one composition only: give every walker the same atoms, or run each "
+                "composition in its own run directory")
         self.reference = build_reference(config.reference, config.execution, config.run_dir)
         saved = json.loads(self.rd.config.read_text()) if self.rd.config.exists() else None
         if saved is not None and (self.rd.resumable or self.rd.read_exact_labels()):
-            changed = {k: (saved["identity"][k], v) for k, v in config.identity().items() if saved["identity"].get(k) != v}
+            changed = {k: (saved["identity"][k], v) for k, v in config.identity().items()
+                       if k in saved["identity"] and saved["identity"][k] != v}  # a key added later: not checked
             if changed:
                 what = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in changed.items())
                 raise FlytuneError(f"run directory {config.run_dir!r} was made by a different config ({what}) "
                                    "and cannot be resumed; use a new run_dir")
-        self._in_step = False
+        self.walkers: list[Walker] = []
+
+    @property
+    def dyn(self) -> MolecularDynamics:
+        """The integrator of walker 0 (the run's only one without ``[[walkers]]``)."""
+        return self.walkers[0].dyn
+
+    @property
+    def atoms(self) -> Atoms:
+        return self.walkers[0].atoms
 
     def describe(self) -> list[str]:
         """What the run would do, from the checks made so far (``flytune run --check``)."""
@@ -191,7 +213,7 @@ class OnTheFlyRun:
         else:
             reference = f"reference {c.reference.name!r} in this process"
         state = "resumes from its checkpoint" if self.rd.resumable else "new"
-        return [
+        lines = [
             f"structure: {atoms.get_chemical_formula()}, {len(atoms)} atoms{', periodic' if atoms.pbc.any() else ''} "
             f"({c.structure})",
             f"model: {m.backbone} (loaded only by the run), {m.chains} chains × {m.cycle_steps} SGHMC steps per update, "
@@ -202,6 +224,12 @@ class OnTheFlyRun:
             f"MD: {c.md.driver}, {c.md.total_steps} steps of {c.md.timestep_fs:g} fs",
             f"run directory: {c.run_dir} ({state})",
         ]
+        for i in range(len(c.walkers)):
+            md = c.walker_md(i)
+            temperatures = sorted({md.temperature_at(0), md.temperature_at(md.total_steps - 1)})
+            lines.append(f"walker {i}: {c.walker_structure(i)}, {md.driver}, {md.total_steps} steps at "
+                         f"{'–'.join(f'{t:g}' for t in temperatures)} K, seed {c.walker_seed(i)}")
+        return lines
 
     # -- building -------------------------------------------------------------------
     def open(self) -> None:
@@ -223,9 +251,15 @@ class OnTheFlyRun:
             self.reference.close()
         self.rd.unlock()
 
+    def _walker(self, i: int) -> Walker:
+        """Walker ``i`` at its start: structure, velocities, integrator (seeded)."""
+        c = self.config
+        md, seed = c.walker_md(i), c.walker_seed(i)
+        atoms = self.structures[i].copy()
+        return Walker(i, md, seed, atoms, make_dynamics(md, atoms, seed), WalkerCalculator(self.calc, i))
+
     def _build(self) -> None:
         c = self.config
-        self.frames = 0
         self.wall_before = 0.0
         if self.rd.resumable:
             ck = self.rd.read_checkpoint()
@@ -235,37 +269,46 @@ class OnTheFlyRun:
             self.ensemble = Ensemble.from_state_dict(ck["ensemble"], workers=c.model.workers, device=c.model.device)
             calibrator = saved_calibrator(ck["ensemble"])
             self._apply_changed_settings(calibrator)
-            atoms = self.structure.copy()
-            md = ck["md"]
-            self.dyn = make_dynamics(c.md, atoms, c.seed)  # before the state: some drivers touch it
-            atoms.positions, atoms.cell = np.asarray(md["positions"]), np.asarray(md["cell"])
-            atoms.set_momenta(np.asarray(md["momenta"]), apply_constraint=False)
-            restore_dynamics(self.dyn, md["dynamics"])
-            self.atoms = atoms
             self.calc = self._calculator(calibrator)
-            self.calc.load_state_dict(ck["calculator"], atoms)
-            self.frames = ck["counts"]["frames"]
+            self.calc.load_state_dict(ck["calculator"])
+            saved = ck.get("walkers") or [dict(ck["md"], cache=ck["calculator"].get("cache"),
+                                               frames=ck["counts"]["frames"])]  # a checkpoint of one walker
+            for i, state in enumerate(saved):
+                walker = self._walker(i)  # the integrator before the state: some drivers touch it
+                atoms = walker.atoms
+                atoms.positions, atoms.cell = np.asarray(state["positions"]), np.asarray(state["cell"])
+                atoms.set_momenta(np.asarray(state["momenta"]), apply_constraint=False)
+                restore_dynamics(walker.dyn, state["dynamics"])
+                walker.calc.restore_cache(state["cache"], atoms)
+                walker.frames = state["frames"]
+                self.walkers.append(walker)
             self.wall_before = ck["wall_s"]
             pending = self._replay_labels_after(ck["counts"])
-            self.log(f"resuming {c.run_dir} at step {self.dyn.nsteps} ({self.calc.state.reference_calls} "
+            steps = ", ".join(str(w.dyn.nsteps) for w in self.walkers)
+            self.log(f"resuming {c.run_dir} at step {steps} ({self.calc.state.reference_calls} "
                      f"reference calls, {pending} label(s) to replay)")
         else:
             self.ensemble = Ensemble.from_config(c.model, c.uncertainty, seed=c.seed)
-            self.ensemble.model.backbone.check_atoms(self.structure)
-            atoms = self.structure.copy()
-            if c.md.initial_velocities and not atoms.has("momenta"):
-                MaxwellBoltzmannDistribution(atoms, temperature_K=c.md.temperature_at(0),
-                                             rng=np.random.default_rng(c.seed))
-                Stationary(atoms)
-                if not atoms.pbc.any():
-                    ZeroRotation(atoms)
-            self.atoms = atoms
+            for structure in self.structures:
+                self.ensemble.model.backbone.check_atoms(structure)
             self.calc = self._calculator(None)
-            self.dyn = make_dynamics(c.md, atoms, c.seed)
+            for i in range(c.walker_count):
+                md, seed = c.walker_md(i), c.walker_seed(i)
+                atoms = self.structures[i]
+                if md.initial_velocities and not atoms.has("momenta"):
+                    MaxwellBoltzmannDistribution(atoms, temperature_K=md.temperature_at(0),
+                                                 rng=np.random.default_rng(seed))
+                    Stationary(atoms)
+                    if not atoms.pbc.any():
+                        ZeroRotation(atoms)
+                self.walkers.append(self._walker(i))
             # labels of a start stopped before its first checkpoint (during the first update)
-            pending = self._replay_labels_after({"labels": 0, "steps": 0, "interventions": 0, "frames": 0})
+            pending = self._replay_labels_after({"labels": 0, "steps": [0] * len(self.walkers), "interventions": 0,
+                                                 "frames": [0] * len(self.walkers)})
             if pending:
                 self.log(f"restarting {c.run_dir} from its start, {pending} label(s) to replay")
+        for walker in self.walkers:
+            walker.atoms.calc = walker.calc
         off = [f"uncertainty.{k} = {v}" for k, v in (("label_misfit", "false"), ("calibration_checks", 0))
                if not getattr(c.uncertainty, k)]
         if off:
@@ -274,13 +317,13 @@ class OnTheFlyRun:
                      "while the errors exceed ε (docs/method.md §6)")
         # the settings in force (a resume may change thresholds): what `flytune report` reads
         self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
-        self.atoms.calc = self.calc
 
     def _replay_labels_after(self, counts: dict) -> int:
         """Cut the logs back to ``counts`` and queue the labels written after them for replay
         (no reference call when the MD reaches the same structure); returns how many."""
         pending = self.rd.truncate(counts)
-        self.calc.pending = [PendingLabel(int(a.info["force_call"]), a) for a in pending]
+        self.calc.pending = sorted((PendingLabel(int(a.info["force_call"]), a) for a in pending),
+                                   key=lambda p: p.force_call)  # walkers' labels are written as they return
         return len(pending)
 
     def _apply_changed_settings(self, calibrator: Calibrator) -> None:
@@ -303,98 +346,109 @@ class OnTheFlyRun:
                                   on_update=self._on_update)
 
     # -- records ----------------------------------------------------------------------
-    def _md_step(self) -> int:
-        # a force call during dyn.step() belongs to the step being made
-        return self.dyn.nsteps + (1 if self._in_step else 0)
+    def _stamp(self, record: dict, walker: int) -> dict:
+        w = self.walkers[walker]
+        record.update(step=w.step, time_fs=w.step * w.md.timestep_fs)
+        return record
 
     def _on_label(self, atoms: Atoms, meta: dict) -> None:
-        atoms.info.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs)
+        self._stamp(atoms.info, int(atoms.info.get("walker", 0)))
         self.rd.append_label(atoms)
 
     def _on_intervention(self, atoms: Atoms, iv: Intervention) -> None:
-        record = dataclasses.asdict(iv)
-        record.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs)
-        self.rd.append_intervention(record)
+        self.rd.append_intervention(self._stamp(dataclasses.asdict(iv), iv.walker))
 
-    def _on_update(self, record: dict) -> None:
-        record.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs)
-        self.rd.append_update(record)
+    def _on_update(self, record: dict) -> None:  # stamped with the step of the walkers furthest on
+        self.rd.append_update(self._stamp(record, max(range(len(self.walkers)), key=lambda i: self.walkers[i].step)))
 
     def _on_step(self, row: dict) -> None:
-        row.update(step=self._md_step(), time_fs=self._md_step() * self.config.md.timestep_fs,
-                   temperature_K=self.atoms.get_temperature())
-        self.rd.append_step(row)
+        walker = row.pop("walker")
+        self._stamp(row, walker)
+        row["temperature_K"] = self.walkers[walker].atoms.get_temperature()
+        self.rd.append_step(row, walker)
 
     def checkpoint(self) -> None:
         st = self.calc.state
         self.rd.write_checkpoint({
-            "format": "flytune.run/1",
+            "format": "flytune.run/2",
             "ensemble": self.ensemble.state_dict(self.calc.decision.calibrator),
             "calculator": self.calc.state_dict(),
-            "md": {"positions": self.atoms.positions.tolist(), "momenta": self.atoms.get_momenta().tolist(),
-                   "cell": np.asarray(self.atoms.cell).tolist(), "dynamics": dynamics_state(self.dyn)},
-            "counts": {"labels": len(self.ensemble.data) + len(self.calc.schedule.pending), "steps": st.force_calls,
-                       "interventions": st.reference_calls, "updates": st.updates, "frames": self.frames},
+            "walkers": [{"positions": w.atoms.positions.tolist(), "momenta": w.atoms.get_momenta().tolist(),
+                         "cell": np.asarray(w.atoms.cell).tolist(), "dynamics": dynamics_state(w.dyn),
+                         "cache": w.calc.cache(), "frames": w.frames} for w in self.walkers],
+            "counts": {"labels": len(self.ensemble.data) + len(self.calc.schedule.pending),
+                       "steps": [st.walker_force_calls.get(w.index, 0) for w in self.walkers],
+                       "interventions": st.reference_calls, "updates": st.updates,
+                       "frames": [w.frames for w in self.walkers]},
             "wall_s": self.wall_before + time.perf_counter() - self._start,
         })
 
     # -- the loop ---------------------------------------------------------------------
+    def _round(self, walkers: list[Walker], action: Callable[[Walker], None]) -> None:
+        for w in walkers:
+            w.in_step = True
+        try:
+            run_together(self.calc, walkers, action)
+        finally:
+            for w in walkers:
+                w.in_step = False
+
     def advance(self, stop=None, on_progress: Callable[[OnTheFlyRun], None] | None = None,
                 on_update_progress: Progress | None = None) -> dict:
-        """Run the MD to the end of the schedule (or a stop); returns the summary.
+        """Run every walker's MD to the end of its schedule (or a stop), one step of all of
+        them per round; returns the summary.
 
-        ``on_progress(run)`` after every MD step; ``on_update_progress(chain, step,
-        mean_ll)`` during posterior updates; a set ``stop`` ends the run at the next step
+        ``on_progress(run)`` after every round; ``on_update_progress(chain, step,
+        mean_ll)`` during posterior updates; a set ``stop`` ends the run at the next round
         (during an update: at once, see :class:`UpdateInterrupted`)."""
         c = self.config
         self._start = time.perf_counter()
         self.calc.stop = stop
         self.calc.on_update_progress = on_update_progress
-        total = c.md.total_steps
         stopped = None
         failed = cut = False
         try:
-            if self.dyn.nsteps == 0 and self.frames == 0:
-                self.atoms.get_forces()  # the first structure: always labelled
-                if getattr(self.dyn, "initialized", True) == 0:
-                    self.dyn.initialize()  # Melchionna NPT is not self-starting
-                self._record_frame()
+            fresh = [w for w in self.walkers if w.dyn.nsteps == 0 and w.frames == 0]
+            if fresh:
+                run_together(self.calc, fresh, _start_walker)  # the first structures: always labelled
+                for w in fresh:
+                    self._record_frame(w)
                 self.checkpoint()
-            while self.dyn.nsteps < total:
+            while not all(w.done for w in self.walkers):
                 if stop is not None and stop.is_set():
                     stopped = "interrupted"
                     break
-                set_temperature(self.dyn, c.md.temperature_at(self.dyn.nsteps))
+                active = [w for w in self.walkers if not w.done]
+                for w in active:
+                    set_temperature(w.dyn, w.md.temperature_at(w.dyn.nsteps))
                 calls = self.calc.state.reference_calls
-                self._in_step = True
-                self.dyn.step()
-                self._in_step = False
-                self.dyn.nsteps += 1
-                if self.dyn.nsteps % c.md.trajectory_every == 0:
-                    self._record_frame()
-                if self.calc.state.reference_calls != calls or self.dyn.nsteps % c.checkpoint_every == 0:
+                self._round(active, _step_walker)
+                for w in active:
+                    w.dyn.nsteps += 1
+                    if w.dyn.nsteps % w.md.trajectory_every == 0:
+                        self._record_frame(w)
+                if self.calc.state.reference_calls != calls or any(w.dyn.nsteps % c.checkpoint_every == 0
+                                                                  for w in active):
                     self.checkpoint()
-                stopped = self._runaway()
+                stopped = next(filter(None, (self._runaway(w) for w in active)), None)
                 if on_progress is not None:
                     on_progress(self)
                 if stopped:
                     break
-            if self.dyn.nsteps >= total and (self.calc.schedule.pending or self.ensemble.learning):
+            if all(w.done for w in self.walkers) and (self.calc.schedule.pending or self.ensemble.learning):
                 self.calc.learn_pending("end of run")  # model.pt learns every label
         except (ReferenceFailure, ModelFailure) as exc:
             kind = "reference failure" if isinstance(exc, ReferenceFailure) else "model failure"
-            stopped = f"{kind} at MD step {self._md_step()}: {exc}"
-            self._in_step = False
+            stopped = f"{kind} at MD step {self._where()}: {exc}"
             failed = True
         except UpdateInterrupted:  # the checkpoint stays from before the cut update
-            stopped = (f"interrupted during the update at MD step {self._md_step()}; its label is kept "
+            stopped = (f"interrupted during the update at MD step {self._where()}; its label is kept "
                        "and the same command redoes that update in full")
-            self._in_step = False
             cut = True
         else:
             self.checkpoint()
         wall = self.wall_before + time.perf_counter() - self._start
-        summary = summarize(self.rd, self.calc, self.dyn.nsteps, c.md, wall, stopped)
+        summary = summarize(self.rd, self.calc, self.walkers, wall, stopped)
         self.rd.write_json(self.rd.summary, summary)
         if failed:  # the last checkpoint (before the failed step) stays as it is
             raise FlytuneError(f"{stopped}; the checkpoint is intact: fix the cause and run the same command to resume")
@@ -407,22 +461,38 @@ class OnTheFlyRun:
             model.unlink(missing_ok=True)
         return summary
 
-    def _record_frame(self) -> None:
-        frame = self.atoms.copy()
-        frame.calc = None
-        frame.info["step"] = self.dyn.nsteps
-        self.rd.append_frame(frame)
-        self.frames += 1
+    def _where(self) -> str:
+        """The MD step now (of each walker, with several)."""
+        steps = [w.step for w in self.walkers]
+        return str(steps[0]) if len(steps) == 1 else "/".join(map(str, steps)) + " (walkers 0–" + f"{len(steps) - 1})"
 
-    def _runaway(self) -> str | None:
+    def _record_frame(self, walker: Walker) -> None:
+        frame = walker.atoms.copy()
+        frame.calc = None
+        frame.info["step"] = walker.dyn.nsteps
+        self.rd.append_frame(frame, walker.index)
+        walker.frames += 1
+
+    def _runaway(self, walker: Walker) -> str | None:
         s = self.config.safety
-        temperature = self.atoms.get_temperature()
+        who = f"walker {walker.index}: " if self.rd.walkers else ""
+        temperature = walker.atoms.get_temperature()
         if s.max_temperature_K is not None and temperature > s.max_temperature_K:
-            return f"temperature {temperature:.0f} K above max_temperature_K = {s.max_temperature_K:.0f}"
-        fmax = float(np.abs(self.calc.results["forces"]).max())
+            return f"{who}temperature {temperature:.0f} K above max_temperature_K = {s.max_temperature_K:.0f}"
+        fmax = float(np.abs(walker.calc.results["forces"]).max())
         if s.max_force_eV_A is not None and fmax > s.max_force_eV_A:
-            return f"a force of {fmax:.1f} eV/Å above max_force_eV_A = {s.max_force_eV_A}"
+            return f"{who}a force of {fmax:.1f} eV/Å above max_force_eV_A = {s.max_force_eV_A}"
         return None
+
+
+def _start_walker(walker: Walker) -> None:
+    walker.atoms.get_forces()
+    if getattr(walker.dyn, "initialized", True) == 0:
+        walker.dyn.initialize()  # Melchionna NPT is not self-starting
+
+
+def _step_walker(walker: Walker) -> None:
+    walker.dyn.step()
 
 
 def run(config: RunConfig, log: Log = print, stop=None, on_progress=None, on_update_progress=None) -> dict:
@@ -433,4 +503,3 @@ def run(config: RunConfig, log: Log = print, stop=None, on_progress=None, on_upd
         return otf.advance(stop, on_progress, on_update_progress)
     finally:
         otf.close()
-

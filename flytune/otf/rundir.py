@@ -9,6 +9,10 @@
 - ``checkpoint/checkpoint.pt``: ensemble, calibrator, offset, calculator counters, MD
   state and the lengths of every log.
 
+A run with ``[[walkers]]`` keeps one ``labels.extxyz``, ``interventions.jsonl`` and
+``updates.jsonl`` (labels and interventions carry a ``walker`` field) and, per walker
+``i``, ``walkers/<i>/steps.csv`` and ``walkers/<i>/trajectory.traj``.
+
 Every rewrite is atomic (:func:`flytune.files.replacing`: write, fsync, rename, fsync
 of the directory); appends are flushed to disk as they are made.
 
@@ -73,26 +77,37 @@ def label_from_record(record: dict) -> Atoms:
 
 
 class RunDirectory:
-    """Files of one run; ``lock()`` refuses a second process on the same directory."""
+    """Files of one run; ``lock()`` refuses a second process on the same directory.
 
-    def __init__(self, path: str | os.PathLike):
+    ``walkers``: the number of ``[[walkers]]`` tables (0: one walker, its steps and
+    trajectory at the top); None: read from ``run_config.json`` (an existing run)."""
+
+    def __init__(self, path: str | os.PathLike, walkers: int | None = 0):
         self.path = Path(path)
+        self.config = self.path / "run_config.json"
+        if walkers is None:
+            saved = json.loads(self.config.read_text()) if self.config.exists() else {}
+            walkers = len(saved.get("config", {}).get("walkers", []))
+        self.walkers = walkers
         self.labels = self.path / "labels.extxyz"
-        self.steps = self.path / "steps.csv"
+        folders = [self.path / "walkers" / str(i) for i in range(walkers)] or [self.path]
+        self.walker_steps = [folder / "steps.csv" for folder in folders]
+        self.walker_trajectories = [folder / "trajectory.traj" for folder in folders]
+        self.steps, self.trajectory = self.walker_steps[0], self.walker_trajectories[0]
         self.interventions = self.path / "interventions.jsonl"
         self.updates = self.path / "updates.jsonl"
-        self.trajectory = self.path / "trajectory.traj"
         self.summary = self.path / "summary.json"
-        self.config = self.path / "run_config.json"
         self.checkpoint_dir = self.path / "checkpoint"
         self.checkpoint = self.checkpoint_dir / "checkpoint.pt"
         self.exact_labels = self.checkpoint_dir / "labels.jsonl"
         self._lock_file = None
-        self._step_columns: list[str] | None = None
+        self._step_columns: dict[int, list[str] | None] = {}
 
     # -- lifecycle ------------------------------------------------------------------
     def lock(self) -> None:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        for path in self.walker_steps:
+            path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path / ".lock", "a+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -134,27 +149,37 @@ class RunDirectory:
             f.flush()
             os.fsync(f.fileno())
 
-    def append_step(self, row: dict) -> None:
-        """One row of ``steps.csv``, in the columns of its header (a run directory written
-        by an older version keeps its columns)."""
-        if self._step_columns is None:
-            with open(self.steps, "a+", newline="") as f:
+    def append_step(self, row: dict, walker: int = 0) -> None:
+        """One row of walker ``walker``'s ``steps.csv``, in the columns of its header (a run
+        directory written by an older version keeps its columns)."""
+        path = self.walker_steps[walker]
+        if self._step_columns.get(walker) is None:
+            with open(path, "a+", newline="") as f:
                 f.seek(0)
                 header = f.readline().strip()
-            self._step_columns = header.split(",") if header else None
-        with open(self.steps, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self._step_columns or STEP_COLUMNS)
-            if self._step_columns is None:
+            self._step_columns[walker] = header.split(",") if header else None
+        columns = self._step_columns[walker]
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns or STEP_COLUMNS)
+            if columns is None:
                 writer.writeheader()
-                self._step_columns = STEP_COLUMNS
-            writer.writerow({k: row.get(k) for k in self._step_columns})
+                self._step_columns[walker] = columns = STEP_COLUMNS
+            writer.writerow({k: row.get(k) for k in columns})
 
-    def read_steps(self) -> dict[str, np.ndarray]:
-        """The columns of ``steps.csv`` as arrays (booleans, floats; an empty cell is NaN;
-        the ``uncontrolled`` column stays text)."""
+    def read_steps(self, walker: int | None = 0) -> dict[str, np.ndarray]:
+        """The columns of walker ``walker``'s ``steps.csv`` as arrays (booleans, floats; an
+        empty cell is NaN; the ``uncontrolled`` column stays text); ``None``: every walker's
+        rows, walker after walker, with a ``walker`` column."""
+        if walker is None:
+            parts = [self.read_steps(i) for i in range(len(self.walker_steps))]
+            for i, part in enumerate(parts):
+                part["walker"] = np.full(len(next(iter(part.values()), [])), i)
+            keys = [k for k in parts[0] if all(k in p for p in parts)]
+            return {k: np.concatenate([p[k] for p in parts]) for k in keys}
         columns: dict[str, list] = {}
-        if self.steps.exists():
-            with open(self.steps, newline="") as f:
+        path = self.walker_steps[walker]
+        if path.exists():
+            with open(path, newline="") as f:
                 for row in csv.DictReader(f):
                     for k, v in row.items():
                         columns.setdefault(k, []).append(v)
@@ -174,8 +199,8 @@ class RunDirectory:
         """The records of ``updates.jsonl`` (one per posterior update), in order."""
         return _read_jsonl(self.updates)
 
-    def append_frame(self, atoms: Atoms) -> None:
-        with Trajectory(self.trajectory, "a") as traj:
+    def append_frame(self, atoms: Atoms, walker: int = 0) -> None:
+        with Trajectory(self.walker_trajectories[walker], "a") as traj:
             traj.write(atoms)
 
     def write_json(self, path: Path, data: dict) -> None:
@@ -212,24 +237,27 @@ class RunDirectory:
         """Cut every log back to the checkpoint's lengths; returns the labels after it.
 
         ``counts``: ``labels``, ``steps`` (rows), ``interventions``, ``frames`` and
-        ``updates`` (absent in checkpoints older than ``updates.jsonl``: kept as is).
+        ``updates`` (absent in checkpoints older than ``updates.jsonl``: kept as is);
+        ``steps`` and ``frames`` hold one count per walker (a number: the one walker's).
         """
         labels = self.read_exact_labels()
         _rewrite_lines(self.exact_labels, [json.dumps(label_record(a)) for a in labels])
         if self.labels.exists() or labels:
             with replacing(self.labels) as tmp:
                 write(tmp, labels, format="extxyz") if labels else tmp.write_text("")
-        if self.steps.exists():
-            lines = self.steps.read_text().splitlines()
-            _rewrite_lines(self.steps, lines[: counts["steps"] + 1])
+        per_walker = lambda key: counts[key] if isinstance(counts[key], list) else [counts[key]]  # noqa: E731
+        for path, rows in zip(self.walker_steps, per_walker("steps")):
+            if path.exists():
+                _rewrite_lines(path, path.read_text().splitlines()[: rows + 1])
         for log, key in ((self.interventions, "interventions"), (self.updates, "updates")):
             if log.exists() and key in counts:
                 _rewrite_lines(log, log.read_text().splitlines()[: counts[key]])
-        if self.trajectory.exists():
-            frames = read(self.trajectory, index=":")[: counts["frames"]]
-            with replacing(self.trajectory) as tmp, Trajectory(tmp, "w") as traj:
-                for frame in frames:
-                    traj.write(frame)
+        for path, count in zip(self.walker_trajectories, per_walker("frames")):
+            if path.exists():
+                frames = read(path, index=":")[:count]
+                with replacing(path) as tmp, Trajectory(tmp, "w") as traj:
+                    for frame in frames:
+                        traj.write(frame)
         return labels[counts["labels"]:]
 
 
@@ -317,6 +345,14 @@ def intervention_figures(records: list[dict], threshold_eV: float) -> tuple[floa
     return float(np.mean(np.abs(errors) > threshold_eV)), float(np.sqrt(np.mean(errors**2)))
 
 
+def md_steps_of(steps: dict[str, np.ndarray]) -> int:
+    """MD steps in ``steps`` (:meth:`RunDirectory.read_steps`): the last step of each walker, summed."""
+    if "step" not in steps or not steps["step"].size:
+        return 0
+    walker = steps.get("walker", np.zeros(steps["step"].size, dtype=int))
+    return int(sum(steps["step"][walker == w][-1] for w in np.unique(walker)))
+
+
 def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], updates: list[dict],
                  wall_s: float | None) -> dict:
     """What a run cost and where it kept its promise, from its logs.
@@ -324,8 +360,8 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
     - ``steps_uncontrolled``: force calls that ran with P(|e| > ε) above the level and no
       reference call (a call cap, a wait between calls, a failed reference), and
       ``uncontrolled_by_cause``;
-    - ``speedup_vs_reference_md`` = MD steps × median t_ref / wall time: how much faster
-      the run was than the reference doing every step;
+    - ``speedup_vs_reference_md`` = MD steps (of all walkers) × median t_ref / wall time:
+      how much faster the run was than the reference doing every step;
     - ``reference_over_prediction`` = median t_ref / median t_pred: the limit of that
       speed-up (one ensemble prediction per step instead of one reference call);
     - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates;
@@ -340,7 +376,7 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
     """
     causes = [c for c in steps.get("uncontrolled", np.array([])) if c]
     by_cause = {c: causes.count(c) for c in sorted(set(causes))}
-    md_steps = int(steps["step"][-1]) if "step" in steps and steps["step"].size else 0
+    md_steps = md_steps_of(steps)
     made = [r for r in interventions if r["reference_s"] > 0]
     alone = [r for r in made if not r.get("update_running")]
     t_ref = np.array([r["reference_s"] for r in (alone or made)])
@@ -365,3 +401,18 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
         "labels_per_update": learned / len(updates) if updates else None,
         "median_s_per_chain_step": float(np.median(per_step)) if per_step else None,
     }
+
+
+def walker_figures(rd: RunDirectory, interventions: list[dict], threshold_eV: float) -> list[dict]:
+    """Per walker of a run with ``[[walkers]]``: MD steps, reference calls, the fraction
+    of its tested errors above ε (``threshold_eV``), their RMSE (eV) and its steps run
+    outside the promise."""
+    out = []
+    for i in range(len(rd.walker_steps)):
+        steps = rd.read_steps(i)
+        mine = [r for r in interventions if r.get("walker", 0) == i]
+        exceed, rmse = intervention_figures(mine, threshold_eV)
+        out.append({"walker": i, "steps": md_steps_of(steps), "reference_calls": len(mine), "exceed_fraction": exceed,
+                    "rmse_at_interventions_eV": rmse,
+                    "steps_uncontrolled": int(sum(bool(c) for c in steps.get("uncontrolled", [])))})
+    return out
