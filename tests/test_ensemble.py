@@ -142,6 +142,15 @@ def test_device_setting_and_worker_devices():
     from flytune.bayes.tree import resolve_device
 
     assert worker_devices("cpu", 3) == ["cpu", "cpu", "cpu"]
+    # a node with several GPUs: "cuda" spreads the resident workers over them in turn (and
+    # chain m always runs in worker m mod workers, so on one GPU); "cuda:N" pins them all
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.cuda, "device_count", lambda: 4)
+        assert worker_devices("cuda", 4) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+        assert worker_devices("cuda", 6) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3", "cuda:0", "cuda:1"]
+        assert worker_devices("cuda:2", 3) == ["cuda:2"] * 3
+        mp.setattr(torch.cuda, "device_count", lambda: 1)
+        assert worker_devices("cuda", 2) == ["cuda", "cuda"]
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     with pytest.raises(ValueError):
         ModelConfig(device="gpu0")

@@ -40,7 +40,7 @@ from flytune.bayes.runners import worker_of
 from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
-from flytune.otf.decision import Decision, LabelMisfit, trusted_sigma
+from flytune.otf.decision import Decision, LabelMisfit, Verdict, trusted_sigma
 from flytune.otf.reference import Reference, ReferenceFailure, compute_concurrently
 from flytune.otf.rundir import label_from_record, label_record
 from flytune.otf.updates import UpdateSchedule
@@ -92,6 +92,27 @@ class Intervention:
     #: a background update was running during the call (the two shared the machine)
     update_running: bool = False
     walker: int = 0  # whose structure was labelled
+
+
+@dataclass(eq=False)
+class ForceCall:
+    """One structure of :meth:`OnTheFlyCalculator.evaluate`: the prediction there, the
+    verdict, and (once labelled) the results handed to the MD."""
+
+    atoms: Atoms
+    walker: int
+    force_call: int
+    energy: float  # eV, ensemble mean
+    forces: np.ndarray  # eV/Å, ensemble mean
+    sigma: float  # eV, the σ the decision used
+    verdict: Verdict
+    misfit: float  # eV, the label misfit r in σ
+    results: dict  # the ensemble's, or the reference's once labelled
+    uncontrolled: str = ""
+    by_misfit: bool = False
+    called: bool = False
+    error: float = 0.0  # E_ref + Δ − Ê, once labelled
+    calibrated: float = 0.0  # σ·sqrt(b'/a') before observing the error
 
 
 @dataclass
@@ -242,11 +263,10 @@ class OnTheFlyCalculator(Calculator):
             results = {"energy": energy, "forces": forces}
             if pred.stress is not None and atoms.pbc.all():
                 results["stress"] = pred.stress[i]
-            step = {"atoms": atoms, "walker": walker, "force_call": first_call + i, "energy": energy,
-                    "forces": forces, "sigma": sigma, "verdict": verdict, "misfit": r, "results": results,
-                    "uncontrolled": verdict.reason if verdict.uncontrolled else "", "called": False,
-                    "by_misfit": verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
-                    and not self.decision.wants_call(self.decision.prob_exceed(ensemble_sigma))}
+            step = ForceCall(atoms, walker, first_call + i, energy, forces, sigma, verdict, r, results,
+                             uncontrolled=verdict.reason if verdict.uncontrolled else "",
+                             by_misfit=verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
+                             and not self.decision.wants_call(self.decision.prob_exceed(ensemble_sigma)))
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -254,45 +274,45 @@ class OnTheFlyCalculator(Calculator):
             self._label_all(calls, first_round)
         out = []
         for step in steps:
-            results, verdict, uncontrolled = step["results"], step["verdict"], step["uncontrolled"]
+            results, verdict, uncontrolled = step.results, step.verdict, step.uncontrolled
             if uncontrolled:
                 st.uncontrolled[uncontrolled] = st.uncontrolled.get(uncontrolled, 0) + 1
             results["free_energy"] = results["energy"]
             if "stress" in results:
                 results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
-            results.update(energy_std=step["sigma"], prob_exceed=verdict.prob_exceed, reference_called=step["called"],
+            results.update(energy_std=step.sigma, prob_exceed=verdict.prob_exceed, reference_called=step.called,
                            uncontrolled=uncontrolled)
             out.append(results)
             if self.on_step is not None:
-                self.on_step({"force_call": step["force_call"], "walker": step["walker"],
-                              "energy_eV": results["energy"], "energy_std_eV": step["sigma"],
-                              "prob_exceed": verdict.prob_exceed, "reference_called": step["called"],
+                self.on_step({"force_call": step.force_call, "walker": step.walker,
+                              "energy_eV": results["energy"], "energy_std_eV": step.sigma,
+                              "prob_exceed": verdict.prob_exceed, "reference_called": step.called,
                               "uncontrolled": uncontrolled, "predict_s": predict_s / len(structures)})
         return out
 
-    def _reference_results(self, calls: list[dict]):
+    def _reference_results(self, calls: list[ForceCall]):
         """(step, labelled structure or :class:`ReferenceFailure`, reference seconds,
         replayed) for each of ``calls``, as each becomes known: a pending label written
         before a kill when the resumed MD reaches the same structure, else a reference call
         (all of them at once where the reference allows)."""
         fresh = []
         for step in calls:
-            while self.pending and self.pending[0].force_call < step["force_call"]:
+            while self.pending and self.pending[0].force_call < step.force_call:
                 self._adopt(self.pending.pop(0))  # the resumed MD went elsewhere: keep the label
-            if self.pending and self.pending[0].force_call == step["force_call"]:
+            if self.pending and self.pending[0].force_call == step.force_call:
                 candidate = self.pending.pop(0)
-                if np.array_equal(candidate.atoms.positions, step["atoms"].positions):
+                if np.array_equal(candidate.atoms.positions, step.atoms.positions):
                     yield step, candidate.atoms, 0.0, True
                     continue
                 self._adopt(candidate)
             fresh.append(step)
-        for i, result in compute_concurrently(self.reference, [step["atoms"] for step in fresh]):
+        for i, result in compute_concurrently(self.reference, [step.atoms for step in fresh]):
             step = fresh[i]
             if isinstance(result, ReferenceFailure):
                 yield step, result, 0.0, False
                 continue
-            label = labelled(step["atoms"], result.energy, result.forces, result.stress)
-            label.info.update(force_call=step["force_call"])
+            label = labelled(step.atoms, result.energy, result.forces, result.stress)
+            label.info.update(force_call=step.force_call)
             yield step, label, result.wall_s, False
 
     def _update_progress(self, chain: int, step: int, mean_ll: float) -> None:
@@ -395,7 +415,7 @@ class OnTheFlyCalculator(Calculator):
                             "label_misfit_eV": abs(misfit.energy_residual_eV),
                             "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))), **extra})
 
-    def _label_all(self, calls: list[dict], first_round: bool) -> None:
+    def _label_all(self, calls: list[ForceCall], first_round: bool) -> None:
         """Label the structures of ``calls`` (steps of :meth:`evaluate` whose verdict asked
         for a call): each label is written as it returns; then, in order, its error feeds
         the calibration (σ predicted before the update) and the label the update schedule;
@@ -408,67 +428,67 @@ class OnTheFlyCalculator(Calculator):
             if isinstance(label, ReferenceFailure):
                 if self.on_failure == "skip" and not first_round:
                     self.state.skipped_failures += 1
-                    step["uncontrolled"] = "reference failed"
+                    step.uncontrolled = "reference failed"
                 else:
                     failure = failure or label
                 continue
-            label.info.update(walker=step["walker"], energy_pred=step["energy"], energy_std=step["sigma"],
-                              prob_exceed=step["verdict"].prob_exceed, energy_raw=label.get_potential_energy())
+            label.info.update(walker=step.walker, energy_pred=step.energy, energy_std=step.sigma,
+                              prob_exceed=step.verdict.prob_exceed, energy_raw=label.get_potential_energy())
             if first_round and step is calls[0]:  # Δ from the run's first structure
                 data.set_energy_offset(label)
             if data.energy_offset is not None:
                 label.info.update(energy_offset=data.energy_offset)
             if self.on_label is not None and not replayed:
-                self.on_label(label, {"first": step["verdict"].reason == "first"})
+                self.on_label(label, {"first": step.verdict.reason == "first"})
             faults.point("label-written")
-            done[id(step)] = (label, reference_s)
+            done[step] = (label, reference_s)
         if failure is not None:
             raise failure
-        labelled_steps = [step for step in calls if id(step) in done]
+        labelled_steps = [step for step in calls if step in done]
         reasons = []
         for step in labelled_steps:
-            label, reference_s = done[id(step)]
-            first = step["verdict"].reason == "first"
+            label, reference_s = done[step]
+            first = step.verdict.reason == "first"
             offset, raw = data.energy_offset, label.get_potential_energy()
             label.info.update(energy_offset=offset)
-            step["error"] = raw + offset - step["energy"]
-            step["calibrated"] = self.decision.calibrated_sigma(step["sigma"])
+            step.error = raw + offset - step.energy
+            step.calibrated = self.decision.calibrated_sigma(step.sigma)
             if not first:
-                self.decision.observe(step["error"], step["sigma"])  # σ predicted before the update
+                self.decision.observe(step.error, step.sigma)  # σ predicted before the update
             self.state.time_reference_s += reference_s
-            reason = self.schedule.add(label, error_eV=step["error"], reference_s=reference_s, first=first)
+            reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first)
             reasons.append(reason)
-            self.newest[step["walker"]] = label
+            self.newest[step.walker] = label
         due = next((r for r in reasons if r is not None), None)
         update_s, learned = self.learn_pending(due) if due is not None else (0.0, 0)
         if due is not None and self.schedule.config.background:
             due = f"background: {due}" if learned else "deferred: an update is running"
         if due is None or self.schedule.config.background:  # the members that predicted here go on
             for step in labelled_steps:
-                self.misfits[step["walker"]] = LabelMisfit.measure(done[id(step)][0], step["energy"], step["forces"],
+                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], step.energy, step.forces,
                                                                     data.energy_offset)
         for n, step in enumerate(labelled_steps):
-            label, reference_s = done[id(step)]
+            label, reference_s = done[step]
             last = n == len(labelled_steps) - 1  # the update, if any, is booked on the round's last call
             self.state.reference_calls += 1
-            self.state.walker_last_call[step["walker"]] = self.state.walker_force_calls[step["walker"]]
+            self.state.walker_last_call[step.walker] = self.state.walker_force_calls[step.walker]
             raw, offset = label.get_potential_energy(), data.energy_offset
             intervention = Intervention(
-                force_call=step["force_call"], energy_pred=step["energy"], energy_std=step["sigma"],
-                prob_exceed=step["verdict"].prob_exceed, energy_ref_raw=raw, energy_ref=raw + offset,
-                error=step["error"], calibrated_std=step["calibrated"],
+                force_call=step.force_call, energy_pred=step.energy, energy_std=step.sigma,
+                prob_exceed=step.verdict.prob_exceed, energy_ref_raw=raw, energy_ref=raw + offset,
+                error=step.error, calibrated_std=step.calibrated,
                 shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
-                reference_s=reference_s, update_s=update_s if last else 0.0, first=step["verdict"].reason == "first",
-                reason=step["verdict"].reason, update=due or "deferred", labels_learned=learned if last else 0,
-                label_misfit=step["misfit"], by_misfit=step["by_misfit"], update_running=update_running,
-                walker=step["walker"],
+                reference_s=reference_s, update_s=update_s if last else 0.0, first=step.verdict.reason == "first",
+                reason=step.verdict.reason, update=due or "deferred", labels_learned=learned if last else 0,
+                label_misfit=step.misfit, by_misfit=step.by_misfit, update_running=update_running,
+                walker=step.walker,
             )
             if self.on_intervention is not None:
                 self.on_intervention(label, intervention)
             results = {"energy": raw + offset, "forces": label.get_forces(apply_constraint=False)}  # the MD applies its own
-            if "stress" in label.calc.results and step["atoms"].pbc.all():
+            if "stress" in label.calc.results and step.atoms.pbc.all():
                 results["stress"] = label.get_stress(voigt=False)
-            step["results"], step["called"] = results, True
+            step.results, step.called = results, True
 
     # -- state for checkpoints ------------------------------------------------------
     def state_dict(self) -> dict:
