@@ -232,6 +232,17 @@ def test_rounds_predict_every_walker_in_one_batch(workdir, monkeypatch):
     assert otf.walkers[1].dyn.fr == pytest.approx(0.02 / units.fs)
 
 
+def test_check_describes_every_walker(workdir):
+    otf = OnTheFlyRun(load_run_config(write_config(workdir, "check")), log=lambda m: None)
+    lines = otf.describe()
+    assert any("through Parsl (2 local worker(s))" in line for line in lines)
+    assert [line.split(":")[0] for line in lines if line.startswith("walker")] == ["walker 0", "walker 1", "walker 2"]
+    assert lines[-3].endswith("langevin, 10 steps at 300 K, seed 3")
+    assert lines[-2].endswith("langevin, 10 steps at 900 K, seed 11")
+    assert "cu4_b.xyz, langevin, 10 steps at 400–800 K, seed 5" in lines[-1]
+    assert not (workdir / "check").exists()  # nothing was started
+
+
 def test_walkers_of_different_compositions_are_refused(workdir):
     atoms = bulk("Cu", "fcc", a=3.6, cubic=True)[:3]
     write(workdir / "cu3.xyz", atoms)
@@ -252,3 +263,29 @@ def test_bad_walker_tables_are_one_line_errors(workdir, edit, message):
         load_run_config(workdir / "bad.toml")
     assert "walkers" in str(info.value) and "\n" not in str(info.value)
     assert ("not both" in str(info.value)) or ("frction_per_fs" in str(info.value))
+
+
+def test_deferred_updates_pool_every_walkers_labels_and_walkers_may_end_early(workdir):
+    """With ``policy = "deferred"`` the labels of all walkers wait in one queue and one
+    update learns them; a walker with fewer steps drops out of the rounds at its end."""
+    text = CONFIG.format(run_dir="pooled", execution='[updates]\npolicy = "deferred"\nmax_pending = 5\n'
+                         'critical_factor = 1e6')
+    text = text.replace("md = {friction_per_fs = 0.02}", "md = {friction_per_fs = 0.02, steps = 6}")
+    (workdir / "pooled.toml").write_text(text)
+    otf = OnTheFlyRun(load_run_config(workdir / "pooled.toml"), log=lambda m: None)
+    otf.open()
+    try:
+        summary = otf.advance()
+    finally:
+        otf.close()
+    rd = workdir / "pooled"
+    updates = [json.loads(line) for line in (rd / "updates.jsonl").read_text().splitlines()]
+    interventions = [json.loads(line) for line in (rd / "interventions.jsonl").read_text().splitlines()]
+    assert [w["steps"] for w in summary["walkers"]] == [10, 6, 10] and summary["steps"] == 26
+    assert updates[0]["reason"] == "first" and updates[0]["labels_learned"] == 3  # the three first labels
+    assert sum(u["labels_learned"] for u in updates) == len(interventions) == summary["reference_calls"]
+    assert any(u["reason"] == "max pending" and u["labels_learned"] >= 5 for u in updates)
+    assert summary["updates"] == len(updates) < len({iv["step"] for iv in interventions})
+    pending_walkers = {iv["walker"] for iv in interventions if iv["update"] == "deferred"}
+    assert len(pending_walkers) > 1  # labels of several walkers waited together
+    assert len(step_rows(rd, 1)) == 1 + 7

@@ -356,7 +356,9 @@ class OnTheFlyRun:
         self.rd.append_label(atoms)
 
     def _on_intervention(self, atoms: Atoms, iv: Intervention) -> None:
-        self.rd.append_intervention(self._stamp(dataclasses.asdict(iv), iv.walker))
+        record = self._stamp(dataclasses.asdict(iv), iv.walker)
+        record["wall_s"] = self.wall_before + time.perf_counter() - self._start  # since the run began
+        self.rd.append_intervention(record)
 
     def _on_update(self, record: dict) -> None:  # stamped with the step of the walkers furthest on
         self.rd.append_update(self._stamp(record, max(range(len(self.walkers)), key=lambda i: self.walkers[i].step)))
