@@ -154,6 +154,33 @@ def validation_message(exc: ValidationError, model: type[BaseModel]) -> str:
     return f"invalid {where} = {err.get('input')!r}: {err['msg']}"
 
 
+#: the tables whose settings a script passes as keywords (:func:`keyword_settings`)
+KEYWORD_SECTIONS = ("model", "uncertainty", "safety", "updates")
+
+
+def keyword_settings(settings: Mapping[str, object], **given: dict) -> dict[str, BaseModel]:
+    """``[model]``, ``[uncertainty]``, ``[safety]`` and ``[updates]`` of a run from flat
+    keywords with the TOML's names (``chains=4``, ``confidence=0.9``, ``policy="deferred"``),
+    each validated as in a config file; ``given`` adds settings per table. A misspelt or
+    invalid keyword is a one-line :class:`FlytuneError`."""
+    tables = {name: RunConfig.model_fields[name].annotation for name in KEYWORD_SECTIONS}
+    owner = {key: name for name, model in tables.items() for key in model.model_fields}
+    values: dict[str, dict] = {name: dict(given.get(name, {})) for name in KEYWORD_SECTIONS}
+    for key, value in settings.items():
+        if key not in owner:
+            close = difflib.get_close_matches(key, owner, n=1)
+            raise FlytuneError(f"unknown setting {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                               f"; the settings of {', '.join(f'[{t}]' for t in KEYWORD_SECTIONS)} are known"))
+        values[owner[key]][key] = value
+    out = {}
+    for name, model in tables.items():
+        try:
+            out[name] = model.model_validate(values[name])
+        except ValidationError as exc:
+            raise FlytuneError(validation_message(exc, model)) from None
+    return out
+
+
 def load_run_config(path: str | Path) -> RunConfig:
     """Parse and validate a run configuration; relative paths are taken from the file's folder."""
     path = Path(path)

@@ -41,9 +41,11 @@ from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
 from flytune.otf.decision import Decision, LabelMisfit, Verdict, trusted_sigma
-from flytune.otf.reference import Reference, ReferenceFailure, compute_concurrently
+from flytune.errors import FlytuneError
+from flytune.otf.reference import Reference, ReferenceFailure, as_reference, compute_concurrently
 from flytune.otf.rundir import label_from_record, label_record
 from flytune.otf.updates import UpdateSchedule
+from flytune.units import parse_energy
 
 
 class ModelFailure(RuntimeError):
@@ -204,6 +206,42 @@ class OnTheFlyCalculator(Calculator):
         self.newest: dict[int, Atoms] = {}
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
+
+    @classmethod
+    def from_pretrained(cls, backbone: str = "7net-0", *, reference, threshold: str | tuple[float, str] = "0.5 kcal/mol",
+                        reference_options: dict | None = None, retries: int = 2,
+                        on_failure: Literal["stop", "skip"] = "stop", seed: int = 0, **settings) -> OnTheFlyCalculator:
+        """The calculator for a script: a pretrained ``backbone`` (``"7net-0"``, a SevenNet
+        checkpoint or a MACE model file), a ``reference`` (an ASE calculator instance, or a
+        name or import path as in the TOML, with ``reference_options``), the error threshold
+        ε (``(0.5, "kcal/mol")``, ``"0.5 kcal/mol"``, ``"20 meV"``) and any setting of the
+        TOML's ``[model]``, ``[uncertainty]``, ``[safety]`` and ``[updates]`` as a keyword
+        with its name there (``chains=4``, ``confidence=0.9``, ``policy="deferred"``),
+        validated the same way. Use it as a context manager (``with ... as calc``) so that
+        its worker processes end with the block."""
+        from flytune.runconfig import keyword_settings
+
+        try:
+            value, unit = parse_energy(threshold)
+        except ValueError as exc:
+            raise FlytuneError(f"threshold: {exc}") from None
+        tables = keyword_settings(settings, model={"backbone": backbone},
+                                  uncertainty={"threshold": value, "threshold_unit": unit})
+        reference = as_reference(reference, reference_options, retries)
+        ensemble = Ensemble.from_config(tables["model"], tables["uncertainty"], seed=seed)
+        return cls(ensemble, reference, safety=tables["safety"], updates=tables["updates"], on_failure=on_failure)
+
+    def close(self) -> None:
+        """End the ensemble's worker processes (and a Parsl reference's executor)."""
+        self.ensemble.close()
+        if callable(getattr(self.reference, "close", None)):
+            self.reference.close()
+
+    def __enter__(self) -> OnTheFlyCalculator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     @property
     def misfit(self) -> LabelMisfit | None:

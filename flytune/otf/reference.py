@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms, units
-from ase.calculators.calculator import Calculator, all_changes
+from ase.calculators.calculator import BaseCalculator, Calculator, all_changes
 
 from flytune.errors import FlytuneError
 
@@ -221,6 +221,24 @@ def compute_concurrently(reference, structures: Sequence[Atoms]) -> Iterator[tup
             yield futures[future], exc if isinstance(exc, ReferenceFailure) else future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def as_reference(reference, options: dict | None = None, retries: int = 2):
+    """The reference of a run from what a script has: an ASE calculator it configured
+    (``Vasp(...)``, ``TBLite(method="GFN2-xTB")``; every call resets it and computes
+    afresh), a name or import path as in the TOML (with ``options``), or a reference
+    (anything with ``compute(atoms)``) as it is."""
+    if hasattr(reference, "compute"):
+        return reference
+    if isinstance(reference, str):
+        return make_reference(reference, options, retries)
+    if isinstance(reference, BaseCalculator) or callable(getattr(reference, "get_potential_energy", None)):
+        if options:
+            raise FlytuneError("reference options apply to a reference given by name; configure the calculator "
+                               "instance itself instead")
+        return Reference(type(reference).__name__, lambda: reference, retries)
+    raise FlytuneError(f"reference {reference!r} is neither an ASE calculator nor a name such as 'pyscf' or "
+                       "'ase.calculators.emt:EMT'")
 
 
 def make_reference(name: str, options: dict | None = None, retries: int = 2) -> Reference:

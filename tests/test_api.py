@@ -1,0 +1,102 @@
+"""The Python API in one import: ``flytune.OnTheFlyCalculator.from_pretrained`` with an ASE
+calculator instance as the reference, ε with its unit, settings as keywords."""
+
+import numpy as np
+import pytest
+from ase import units
+from ase.build import bulk
+from ase.calculators.emt import EMT
+from ase.md.verlet import VelocityVerlet
+
+import flytune
+from conftest import build_small_mace
+from flytune.units import KCAL_MOL, parse_energy
+
+
+@pytest.fixture(scope="module")
+def cu_model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("api") / "cu.model"
+    build_small_mace(path, numbers=(1, 6, 8, 29))
+    return str(path)
+
+
+def cu4():
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def test_from_pretrained_with_a_calculator_instance_under_an_ase_driver(cu_model, tmp_path):
+    reference = EMT()
+    with flytune.OnTheFlyCalculator.from_pretrained(
+        cu_model, reference=reference, threshold=(50, "meV"), chains=2, cycle_steps=12, batch_size=2,
+        eta_max=1e-3, force_call_after=3, policy="deferred", max_pending=2, seed=1,
+    ) as calc:
+        assert calc.decision.threshold_eV == pytest.approx(0.05)
+        assert calc.ensemble.config.chains == 2 and calc.schedule.config.policy == "deferred"
+        assert calc.decision.safety.force_call_after == 3
+        atoms = cu4()
+        atoms.calc = calc
+        rows = []
+        calc.on_step = rows.append
+        VelocityVerlet(atoms, 2 * units.fs).run(6)
+        assert calc.state.reference_calls >= 2  # the first structure and at least one forced call
+        # at a call the MD gets the reference's own energy (plus the offset), from the instance given
+        called = [r for r in rows if r["reference_called"]]
+        label = calc.ensemble.data.structures[-1] if not calc.schedule.pending else calc.schedule.pending[-1]
+        check = label.copy()
+        check.calc = EMT()
+        assert called[-1]["energy_eV"] == pytest.approx(check.get_potential_energy() + calc.ensemble.data.energy_offset)
+        calc.ensemble.save(tmp_path / "model.pt", calc.decision.calibrator)
+    with flytune.load(tmp_path / "model.pt", workers=1) as ensemble:
+        assert isinstance(ensemble, flytune.Ensemble)
+        assert np.isfinite(ensemble.predict(atoms).energy).all()
+
+
+@pytest.mark.parametrize("threshold, expected_eV", [
+    ((0.5, "kcal/mol"), 0.5 * KCAL_MOL), ("0.5 kcal/mol", 0.5 * KCAL_MOL), ("20 meV", 0.02), ("0.01 eV", 0.01),
+])
+def test_threshold_takes_value_and_unit(threshold, expected_eV):
+    from flytune.units import energy_to_eV
+
+    assert energy_to_eV(*parse_energy(threshold)) == pytest.approx(expected_eV)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"chans": 4}, "unknown setting 'chans'; did you mean 'chains'"),
+    ({"chains": 1}, "invalid chains = 1"),
+    ({"policy": "sometimes"}, "invalid policy = 'sometimes'"),
+    ({"threshold": "0.5 parsec"}, "threshold: unknown energy unit 'parsec'"),
+    ({"threshold": "half a kcal"}, "threshold: give an energy as"),
+    ({"reference": 42}, "neither an ASE calculator nor a name"),
+    ({"reference": "ase.calculators.nothere:X"}, "neither one of pyscf"),
+])
+def test_bad_keywords_are_one_line_errors(cu_model, kwargs, message):
+    kwargs = {"reference": EMT(), **kwargs}
+    with pytest.raises(flytune.FlytuneError) as info:
+        flytune.OnTheFlyCalculator.from_pretrained(cu_model, **kwargs)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_import_flytune_is_light_and_names_what_a_script_needs():
+    import subprocess
+    import sys
+
+    code = "import sys, flytune; assert 'torch' not in sys.modules; print(sorted(flytune.__all__))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("OnTheFlyCalculator", "Ensemble", "load", "finetune", "evaluate"):
+        assert name in out.stdout and getattr(flytune, name) is not None
+
+
+def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
+    """The README's script block, executed as it stands (SevenNet-0 and GFN2-xTB)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("### In a Python script", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "import flytune\n" in code and "flytune.otf" not in code and "flytune.bayes" not in code
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "model.pt").exists()
