@@ -253,6 +253,23 @@ def report_cmd(
         console.print(f"report written to {out or run_dir / 'report'}/report.html", highlight=False)
 
 
+@app.command("export")
+def export_cmd(
+    source: Annotated[Path, typer.Argument(help="a run directory, a `flytune finetune` folder or a model.pt")],
+    out: Annotated[Path, typer.Option(help="the folder to write the members and manifest.json into")],
+) -> None:
+    """Write each ensemble member in its backbone's own format (SevenNet .pth, MACE .model),
+    for ASE and LAMMPS, with a manifest of the energy offset, ε and calibration."""
+    from flytune.export import export
+
+    manifest = export(source, out)
+    use = manifest["use"]
+    console.print(f"{len(manifest['members'])} members written to {out} ({manifest['package']}); "
+                  f"energy offset {manifest['energy_offset_eV']} eV in {out / 'manifest.json'}\n"
+                  f"ASE: {use['ase']}\nLAMMPS: {use['lammps_convert']}, then {'; '.join(use['lammps'])}",
+                  highlight=False, soft_wrap=True)
+
+
 @app.command("pack")
 def pack_cmd(run_dir: Annotated[Path, typer.Argument(help="a stopped run directory")],
              archive: Annotated[Path, typer.Argument(help="the file to write (.tar.xz)")]) -> None:

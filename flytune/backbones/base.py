@@ -10,9 +10,11 @@ any posterior sample without copying weights into the module.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -151,6 +153,12 @@ class Backbone(torch.nn.Module, ABC):
     def trainable_parameters(self) -> dict[str, torch.Tensor]:
         """Detached copies of the trainable (pretrained) parameters, by name."""
         return {n: p.detach().clone() for n, p in self.named_parameters() if p.requires_grad}
+
+    def export(self, params: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+        """Write the backbone with ``params`` (names as in :meth:`trainable_parameters`) in
+        the format of its own package, loadable by its stock ASE calculator; returns the
+        file written (the suffix is the package's)."""
+        raise FlytuneError(f"export is not available for the {type(self).__name__} backbone")
 
     @abstractmethod
     def random_parameters(self, seed: int) -> dict[str, torch.Tensor]:

@@ -10,8 +10,10 @@ paper (256 for MACE-MP medium).
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -60,6 +62,18 @@ class MACEBackbone(Backbone):
         self._n_invariant = irreps_out.dim // (self._l_max + 1) ** 2
         self._n_layers = int(model.num_interactions)
         self.feature_dim = self._n_invariant * self._n_layers
+
+    def export(self, params: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+        """A whole MACE ``.model`` file with ``params`` (``mace.calculators.MACECalculator(
+        model_paths=[...])`` loads several as a committee; ``mace_create_lammps_model``
+        converts one for LAMMPS)."""
+        path = Path(path).with_suffix(".model")
+        model = copy.deepcopy(self.model)
+        state = dict(model.state_dict())
+        state.update({k.removeprefix("model."): v.detach().cpu() for k, v in params.items() if k.startswith("model.")})
+        model.load_state_dict(state)
+        torch.save(model, path)
+        return path
 
     @property
     def atomic_numbers(self) -> frozenset[int]:

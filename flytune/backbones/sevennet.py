@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from pathlib import Path
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -193,9 +194,10 @@ class SevenNetBackbone(Backbone):
         forces, stress = _forces_and_stress(grad, edge_vec.detach(), batch)
         return BackboneOutput(energy=energy, forces=forces, stress=stress, features=features)
 
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        """Write the current weights as a SevenNet checkpoint (``.pth``) that sevenn and
-        flytune load (``backbone = "path.pth"``).
+    def save_checkpoint(self, path: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the current weights (or ``state_dict``, the SevenNet model's) as a SevenNet
+        checkpoint (``.pth``) that sevenn and flytune load (``backbone = "path.pth"``):
+        the pretrained checkpoint's dict with the new ``model_state_dict``.
 
         The checkpoint is stamped with the installed sevenn version: the weights are
         already in its layout, so sevenn must not apply its upgrade of old checkpoints
@@ -206,9 +208,19 @@ class SevenNetBackbone(Backbone):
 
         checkpoint = sevenn.util.load_checkpoint(self.spec).get_checkpoint_dict()
         checkpoint["config"] = {**checkpoint["config"], "version": sevenn.__version__}
-        checkpoint["model_state_dict"] = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        state = state_dict if state_dict is not None else self.model.state_dict()
+        checkpoint["model_state_dict"] = {k: v.detach().cpu().clone() for k, v in state.items()}
         checkpoint["optimizer_state_dict"] = checkpoint["scheduler_state_dict"] = None
         torch.save(checkpoint, path)
+
+    def export(self, params: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+        """A SevenNet checkpoint with ``params`` (``sevenn.calculator.SevenNetCalculator(model=path)``
+        loads it, ``sevenn get_model`` deploys it to LAMMPS)."""
+        path = Path(path).with_suffix(".pth")
+        state = dict(self.model.state_dict())
+        state.update({k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")})
+        self.save_checkpoint(path, state)
+        return path
 
     def random_parameters(self, seed: int) -> dict[str, torch.Tensor]:
         from sevenn.model_build import build_E3_equivariant_model
