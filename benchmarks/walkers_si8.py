@@ -2,9 +2,11 @@
 
 Si8 (the cubic diamond cell of ``otf_silicon.py``, rattled 0.05 Å) under NPT at 1 bar,
 1 fs, at 300, 600, 900 and 1200 K; reference GFN1-xTB (tblite, with stress); SevenNet-0
-with 2 chains × 50 SGHMC steps per update (η_max 3e-4, 2 worker processes: what two
-cores afford for ~25 updates per arm); ε = 1.2 kcal/mol (as ``otf_silicon.py``);
-``force_call_after`` 100.
+with 2 chains × 50 SGHMC steps per update (η_max 3e-4, 2 worker processes: 25 s per
+update here); ε = ``--threshold`` kcal/mol (default 4, 0.5 kcal/mol per atom: at
+``otf_silicon.py``'s 1.2 these chains miss their newest label by 1.5–3 kcal/mol after each
+update, so the rule calls at every step of every walker, and 150 steps cost over an hour
+per arm); ``force_call_after`` 100.
 
 - ``walkers``: one run with four ``[[walkers]]`` (seeds 1–4), its reference calls
   through a local Parsl HighThroughputExecutor with 2 workers;
@@ -16,7 +18,7 @@ for ``sequential``), calls, updates, exceedance and the energy RMSE of the final
 ``--frames`` random trajectory frames recomputed with GFN1-xTB, per temperature. Every run
 directory lives in ``benchmarks/runs/walkers_si8/`` and resumes where it stopped.
 
-    .venv/bin/python benchmarks/walkers_si8.py [--steps 200] [--frames 20]
+    .venv/bin/python benchmarks/walkers_si8.py [--steps 100] [--threshold 4] [--frames 15]
 """
 
 from __future__ import annotations
@@ -32,17 +34,16 @@ from flytune.config import RunConfig
 
 TEMPERATURES_K = (300, 600, 900, 1200)
 SEED = 1
-THRESHOLD_KCAL = 6.0 / 40 * 8
 REFERENCE = {"name": "tblite", "options": {"method": "GFN1-xTB"}}
 POSTERIOR = {"chains": 2, "cycle_steps": 50, "eta_max": 3e-4, "workers": 2}
 FOLDER = ROOT / "benchmarks" / "runs" / "walkers_si8"
 
 
-def config(run_dir, steps: int, **extra) -> RunConfig:
+def config(run_dir, steps: int, threshold_kcal: float, **extra) -> RunConfig:
     return RunConfig.model_validate({
         "structure": str(FOLDER / "si8.xyz"), "run_dir": str(run_dir), "seed": SEED,
         "model": {"backbone": "7net-0", **POSTERIOR}, "reference": REFERENCE,
-        "uncertainty": {"threshold": THRESHOLD_KCAL, "threshold_unit": "kcal/mol"},
+        "uncertainty": {"threshold": threshold_kcal, "threshold_unit": "kcal/mol"},
         "md": {"driver": "npt", "timestep_fs": 1.0, "pressure_bar": 1.0, "steps": steps, "trajectory_every": 5},
         "safety": {"force_call_after": 100}, **extra,
     })
@@ -50,8 +51,9 @@ def config(run_dir, steps: int, **extra) -> RunConfig:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=200, help="MD steps per walker")
-    parser.add_argument("--frames", type=int, default=20, help="random frames per temperature")
+    parser.add_argument("--steps", type=int, default=100, help="MD steps per walker")
+    parser.add_argument("--threshold", type=float, default=4.0, help="ε, kcal/mol")
+    parser.add_argument("--frames", type=int, default=15, help="random frames per temperature")
     args = parser.parse_args()
     FOLDER.mkdir(parents=True, exist_ok=True)
     if not (FOLDER / "si8.xyz").exists():
@@ -61,8 +63,9 @@ def main() -> None:
     arms = {}
     # one run, four walkers, calls through Parsl
     walkers = [{"temperature_K": t, "seed": SEED + i} for i, t in enumerate(TEMPERATURES_K)]
-    run_dir = FOLDER / f"walkers_{args.steps}"
-    summary = run_for(config(run_dir, args.steps, walkers=walkers,
+    tag = f"{args.steps}_eps{args.threshold:g}"
+    run_dir = FOLDER / f"walkers_{tag}"
+    summary = run_for(config(run_dir, args.steps, args.threshold, walkers=walkers,
                              execution={"backend": "parsl", "parsl": "htex_local", "max_workers": 2}), None)
     arms["walkers"] = {
         "wall_s": summary["wall_s"], "reference_calls": summary["reference_calls"], "updates": summary["updates"],
@@ -72,28 +75,28 @@ def main() -> None:
             {"temperature_K": t, **{k: w[k] for k in ("steps", "reference_calls", "exceed_fraction")},
              **random_frame_errors(run_dir, "7net-0", REFERENCE, args.frames,
                                    run_dir / "walkers" / str(i) / "trajectory.traj",
-                                   FOLDER / f"frames_walkers_{args.steps}_{i}.jsonl")}
+                                   FOLDER / f"frames_walkers_{tag}_{i}.jsonl")}
             for i, (t, w) in enumerate(zip(TEMPERATURES_K, summary["walkers"]))],
     }
     # the same trajectories one after another, one walker each
     runs = []
     for i, t in enumerate(TEMPERATURES_K):
-        run_dir = FOLDER / f"sequential_{args.steps}_{t}K"
-        s = run_for(config(run_dir, args.steps, seed=SEED + i,
+        run_dir = FOLDER / f"sequential_{tag}_{t}K"
+        s = run_for(config(run_dir, args.steps, args.threshold, seed=SEED + i,
                            md={"driver": "npt", "timestep_fs": 1.0, "pressure_bar": 1.0, "steps": args.steps,
                                "trajectory_every": 5, "temperature_K": t}), None)
         runs.append({"temperature_K": t, "steps": s["steps"], "reference_calls": s["reference_calls"],
                      "exceed_fraction": s["exceed_fraction"], "updates": s["updates"], "wall_s": s["wall_s"],
                      "steps_uncontrolled": s["steps_uncontrolled"],
                      **random_frame_errors(run_dir, "7net-0", REFERENCE, args.frames,
-                                           cache_path=FOLDER / f"frames_sequential_{args.steps}_{t}K.jsonl")})
+                                           cache_path=FOLDER / f"frames_sequential_{tag}_{t}K.jsonl")})
     arms["sequential"] = {
         "wall_s": sum(r["wall_s"] for r in runs), "reference_calls": sum(r["reference_calls"] for r in runs),
         "updates": sum(r["updates"] for r in runs), "steps_uncontrolled": sum(r["steps_uncontrolled"] for r in runs),
         "per_temperature": runs,
     }
     result = {"system": "Si8 cubic diamond, NPT 1 bar, 1 fs", "steps_per_walker": args.steps,
-              "temperatures_K": TEMPERATURES_K, "threshold_kcal_mol": THRESHOLD_KCAL, "reference": REFERENCE,
+              "temperatures_K": TEMPERATURES_K, "threshold_kcal_mol": args.threshold, "reference": REFERENCE,
               "posterior": POSTERIOR, "random_frames_per_temperature": args.frames, **arms}
     print(json.dumps(result, indent=2))
     print("wrote", write_results("walkers_si8", result))
