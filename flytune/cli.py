@@ -182,6 +182,30 @@ def run_cmd(
     print_summary(summary, cfg.run_dir)
 
 
+@app.command("md")
+def md_cmd(
+    config: Annotated[Path, typer.Argument(help="the run's TOML configuration (its reference is not used)")],
+    steps: Annotated[Optional[int], typer.Option(help="MD steps (default: the config's [md])")] = None,
+    quiet: Annotated[bool, typer.Option(help="no progress display (batch jobs)")] = False,
+) -> None:
+    """Production MD with the fine-tuned ensemble alone: σ and the calibrated P(|e| > ε)
+    at every step; stops (or warns) when the trajectory leaves the trusted region."""
+    from flytune.otf.production import production_md
+    from flytune.progress import MDProgress, stop_on_sigint
+    from flytune.runconfig import load_run_config
+
+    cfg = load_run_config(config)
+    level = 1 - cfg.uncertainty.confidence
+    with stop_on_sigint() as stop, MDProgress(steps or cfg.md.total_steps, cfg.md.timestep_fs, quiet, console) as bar:
+        summary = production_md(cfg, steps, stop, log=lambda msg: console.print(msg, highlight=False),
+                                on_step=lambda step, results: bar(step, results, level))
+    console.print(
+        f"{summary['steps']} MD steps ({summary['simulated_ps']:.3f} ps) on {summary['model']}: "
+        f"{summary['steps_above_level']} steps with P(|e| > ε) above {100 * level:g} % "
+        f"(longest run {summary['longest_run_above_level']})"
+        + (f"; stopped: {summary['stopped']}" if summary["stopped"] else ""), highlight=False, soft_wrap=True)
+
+
 def _why_called(summary: dict) -> str:
     """Why the rule called: ' (first 1, probability 7, 5 of them raised by the label misfit)'."""
     reasons = summary.get("calls_by_reason") or {}

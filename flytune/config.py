@@ -243,6 +243,17 @@ class ExecutionConfig(_Strict):
         return value
 
 
+class ProductionConfig(_Strict):
+    """``[production]``: MD with the fine-tuned ensemble alone (``flytune md``)."""
+
+    untrusted_steps: PositiveInt = Field(
+        20, description="consecutive steps with P(|e| > ε) above the call level that leave the trusted region")
+    on_untrusted: Literal["stop", "warn"] = Field(
+        "stop", description="stop: end the MD there (the frame is kept to restart on-the-fly learning); warn: go on")
+    model: str | None = Field(None, description="the fine-tuned ensemble; default RUN_DIR/model.pt")
+    out: str | None = Field(None, description="where the MD writes its files; default RUN_DIR/md")
+
+
 class WalkerConfig(_Strict):
     """One ``[[walkers]]`` table: a trajectory of its own that teaches the run's one
     ensemble. What it leaves out is the run's (``structure``, ``[md]``); ``seed``
@@ -277,6 +288,7 @@ class RunConfig(_Strict):
     checkpoint_every: PositiveInt = Field(100, description="MD steps between periodic checkpoints")
     walkers: list[WalkerConfig] = Field(
         default_factory=list, description="trajectories sharing the ensemble; none: one walker, the run's own")
+    production: ProductionConfig = Field(default_factory=ProductionConfig)
 
     #: settings that define a run: a run directory made with others cannot be resumed
     IDENTITY: ClassVar[tuple[str, ...]] = (

@@ -128,3 +128,21 @@ class RunProgress(_Bar):
 
     def update_step(self, chain: int, step: int, mean_ll: float) -> None:
         self._progress.update(self._task, update=f"updating: chain {chain}, step {step}")
+
+
+class MDProgress(_Bar):
+    """Progress of production MD (``flytune md``): step, simulated time, σ, P(|e| > ε),
+    the steps above the call level so far, T and ETA. Call it as ``(step, results)``."""
+
+    def __init__(self, total_steps: int, timestep_fs: float, quiet: bool = False, console: Console | None = None):
+        self.timestep_fs = timestep_fs
+        self.above = 0
+        self._progress = self._bar("[bold]MD", "{task.fields[ps]:.3f} ps", "σ {task.fields[sigma]}",
+                                   "P {task.fields[prob]}", "{task.fields[above]}", quiet=quiet, console=console)
+        self._task = self._progress.add_task("md", total=total_steps, ps=0.0, sigma="-", prob="-", above="")
+
+    def __call__(self, step: int, results: dict, level: float = 0.05) -> None:
+        self.above += results["prob_exceed"] > level
+        self._progress.update(self._task, completed=step, ps=step * self.timestep_fs / 1000,
+                              sigma=f"{1000 * results['energy_std']:.1f} meV", prob=f"{results['prob_exceed']:.3f}",
+                              above=f"[bold red]{self.above} steps above the level[/]" if self.above else "")

@@ -200,6 +200,10 @@ def load_run_config(path: str | Path) -> RunConfig:
         value = Path(getattr(config, key))
         if not value.is_absolute():
             updates[key] = str(base / value)
+    production = {k: str(base / v) for k in ("model", "out")
+                  if (v := getattr(config.production, k)) is not None and not Path(v).is_absolute()}
+    if production:
+        updates["production"] = config.production.model_copy(update=production)
     walkers = [w.model_copy(update={"structure": str(base / w.structure)})
                if w.structure is not None and not Path(w.structure).is_absolute() else w for w in config.walkers]
     if walkers != config.walkers:
