@@ -122,7 +122,7 @@ def read_start_structure(path: str) -> Atoms:
     return atoms
 
 
-def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, walkers: list[Walker], wall_s: float,
+def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, simulated_ps: float | None, wall_s: float,
               stopped: str | None) -> dict:
     """Figures of the run from its files (so a resumed run reports the whole run), scored
     against the threshold ε in force now; with several walkers, also per walker."""
@@ -131,10 +131,9 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, walkers: list[Walker],
     exceed, rmse = intervention_figures(interventions, threshold)
     st = calc.state
     cal = calc.decision.calibrator
-    md_steps = sum(w.dyn.nsteps for w in walkers)
     summary = {
         "steps": md_steps,
-        "simulated_ps": sum(w.dyn.nsteps * w.md.timestep_fs for w in walkers) / 1000,
+        "simulated_ps": simulated_ps,
         "force_calls": st.force_calls,
         "reference_calls": st.reference_calls,
         "exceed_fraction": exceed,
@@ -156,6 +155,28 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, walkers: list[Walker],
     if rd.walkers:
         summary["walkers"] = walker_figures(rd, interventions, threshold)
     return summary
+
+
+def replay_labels_after(rd: RunDirectory, calc: OnTheFlyCalculator, counts: dict) -> int:
+    """Cut the logs of ``rd`` back to ``counts`` and queue the labels written after them for
+    replay by ``calc`` (no reference call when the MD reaches the same structure, else
+    learned as they are); returns how many."""
+    pending = rd.truncate(counts)
+    calc.pending = sorted((PendingLabel(int(a.info["force_call"]), a) for a in pending),
+                          key=lambda p: p.force_call)  # walkers' labels are written as they return
+    return len(pending)
+
+
+def apply_changed_settings(ensemble: Ensemble, calibrator: Calibrator, uncertainty, log: Log) -> None:
+    """Threshold (with σ_E = fraction·ε), confidence and calibration prior of a resumed
+    run's settings take effect, each change logged."""
+    old = ensemble.uncertainty
+    ensemble.set_uncertainty(uncertainty)
+    new = ensemble.uncertainty
+    for key in ("threshold", "threshold_unit", "confidence", "calibration_shape", "calibration_rate"):
+        if getattr(old, key) != getattr(new, key):
+            log(f"{key} changed from {getattr(old, key)} to {getattr(new, key)}: takes effect now")
+    calibrator.shape, calibrator.rate = new.calibration_shape, new.calibration_rate
 
 
 def uncontrolled_line(summary: dict) -> str | None:
@@ -319,24 +340,10 @@ class OnTheFlyRun:
         self.rd.write_json(self.rd.config, {"identity": c.identity(), "config": c.model_dump(mode="json")})
 
     def _replay_labels_after(self, counts: dict) -> int:
-        """Cut the logs back to ``counts`` and queue the labels written after them for replay
-        (no reference call when the MD reaches the same structure); returns how many."""
-        pending = self.rd.truncate(counts)
-        self.calc.pending = sorted((PendingLabel(int(a.info["force_call"]), a) for a in pending),
-                                   key=lambda p: p.force_call)  # walkers' labels are written as they return
-        return len(pending)
+        return replay_labels_after(self.rd, self.calc, counts)
 
     def _apply_changed_settings(self, calibrator: Calibrator) -> None:
-        """Threshold (with σ_E = fraction·ε), confidence and calibration prior of the config
-        take effect on resume."""
-        ens = self.ensemble
-        old = ens.uncertainty
-        ens.set_uncertainty(self.config.uncertainty)
-        new = ens.uncertainty
-        for key in ("threshold", "threshold_unit", "confidence", "calibration_shape", "calibration_rate"):
-            if getattr(old, key) != getattr(new, key):
-                self.log(f"{key} changed from {getattr(old, key)} to {getattr(new, key)}: takes effect now")
-        calibrator.shape, calibrator.rate = new.calibration_shape, new.calibration_rate
+        apply_changed_settings(self.ensemble, calibrator, self.config.uncertainty, self.log)
 
     def _calculator(self, calibrator: Calibrator | None) -> OnTheFlyCalculator:
         c = self.config
@@ -450,7 +457,8 @@ class OnTheFlyRun:
         else:
             self.checkpoint()
         wall = self.wall_before + time.perf_counter() - self._start
-        summary = summarize(self.rd, self.calc, self.walkers, wall, stopped)
+        summary = summarize(self.rd, self.calc, sum(w.dyn.nsteps for w in self.walkers),
+                            sum(w.dyn.nsteps * w.md.timestep_fs for w in self.walkers) / 1000, wall, stopped)
         self.rd.write_json(self.rd.summary, summary)
         if failed:  # the last checkpoint (before the failed step) stays as it is
             raise FlytuneError(f"{stopped}; the checkpoint is intact: fix the cause and run the same command to resume")
