@@ -100,3 +100,87 @@ def test_the_readme_python_section_runs_as_written(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
     assert (tmp_path / "model.pt").exists()
+
+
+SCRIPT = """
+import sys
+import flytune
+from ase.calculators.emt import EMT
+from ase.io import read
+from ase.md.verlet import VelocityVerlet
+from ase import units
+
+from pathlib import Path
+from ase.io.trajectory import Trajectory
+
+frames = Path(sys.argv[3] + ".traj")  # the script's own trajectory: a restart continues from its last frame
+atoms = read(frames, -1) if frames.exists() else read(sys.argv[2])
+with flytune.OnTheFlyCalculator.from_pretrained(
+        sys.argv[1], reference=EMT(), threshold="50 meV", chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3,
+        force_call_after=3, seed=1, run_dir=sys.argv[3], timestep_fs=2.0) as calc:
+    atoms.calc = calc
+    dyn = VelocityVerlet(atoms, 2 * units.fs)
+    dyn.attach(Trajectory(frames, "a", atoms).write, interval=1)
+    dyn.run(int(sys.argv[4]))
+"""
+
+
+def run_script(tmp_path, cu_model, run_dir, steps, env_extra=None):
+    import os
+    import subprocess
+    import sys
+
+    from ase.io import write
+
+    write(tmp_path / "cu4.xyz", cu4())
+    (tmp_path / "script.py").write_text(SCRIPT)
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, str(tmp_path / "script.py"), cu_model, str(tmp_path / "cu4.xyz"),
+                           str(run_dir), str(steps)], capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_a_script_keeps_a_run_directory_and_resumes_it(cu_model, tmp_path):
+    import json
+
+    from flytune.report import read_run, summarize_run
+
+    run_dir = tmp_path / "run"
+    first = run_script(tmp_path, cu_model, run_dir, 6)
+    assert first.returncode == 0, first.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["force_calls"] == 7 and summary["steps"] == 7  # the start and 6 steps
+    assert summary["simulated_ps"] == pytest.approx(7 * 2.0 / 1000)
+    labels = (run_dir / "checkpoint" / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == summary["reference_calls"] >= 2
+    assert len((run_dir / "steps.csv").read_text().splitlines()) == 1 + 7
+    assert (run_dir / "model.pt").exists() and (run_dir / "checkpoint" / "checkpoint.pt").exists()
+    assert summarize_run(read_run(run_dir))["reference_calls"] == summary["reference_calls"]
+    again = run_script(tmp_path, cu_model, run_dir, 4)  # started again: the calculator resumes
+    assert again.returncode == 0, again.stderr
+    assert "resuming" in again.stderr
+    after = json.loads((run_dir / "summary.json").read_text())
+    assert after["force_calls"] == 7 + 5 and after["reference_calls"] >= summary["reference_calls"]
+    assert len((run_dir / "steps.csv").read_text().splitlines()) == 1 + 12
+    # another run's settings are refused, with what differs
+    with pytest.raises(flytune.FlytuneError, match="chains: 2 → 3"):
+        flytune.OnTheFlyCalculator.from_pretrained(cu_model, reference=EMT(), chains=3, seed=1, run_dir=run_dir)
+
+
+def test_a_killed_script_loses_no_label_and_computes_none_twice(cu_model, tmp_path):
+    import json
+
+    run_dir = tmp_path / "killed"
+    killed = run_script(tmp_path, cu_model, run_dir, 6, {"FLYTUNE_KILL_AT": "label-written:3"})
+    assert killed.returncode == -9, killed.stderr
+    records = [json.loads(line) for line in (run_dir / "checkpoint" / "labels.jsonl").read_text().splitlines()]
+    assert len(records) == 3
+    resumed = run_script(tmp_path, cu_model, run_dir, 6)
+    assert resumed.returncode == 0, resumed.stderr
+    after = [json.loads(line) for line in (run_dir / "checkpoint" / "labels.jsonl").read_text().splitlines()]
+    assert after[:3] == records  # the label written at the kill is kept, not recomputed
+    positions = [json.dumps(r["positions"]) for r in after]
+    assert len(set(positions)) == len(positions)  # the restarted MD went on from the script's last frame
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["reference_calls"] == len(after) and summary["labels_pending"] == 0
+    with flytune.load(run_dir / "model.pt", workers=1) as ensemble:
+        assert len(ensemble.data) == len(after)  # the final model learned every label

@@ -206,19 +206,33 @@ class OnTheFlyCalculator(Calculator):
         self.newest: dict[int, Atoms] = {}
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
+        self.script = None  # the run directory a script's calculator keeps (flytune.otf.scripted)
+        self._busy = False  # inside a force call (an exception there leaves the state mid-way)
+        self._previous_sigint = None
 
     @classmethod
     def from_pretrained(cls, backbone: str = "7net-0", *, reference, threshold: str | tuple[float, str] = "0.5 kcal/mol",
                         reference_options: dict | None = None, retries: int = 2,
-                        on_failure: Literal["stop", "skip"] = "stop", seed: int = 0, **settings) -> OnTheFlyCalculator:
+                        on_failure: Literal["stop", "skip"] = "stop", seed: int = 0, run_dir: str | None = None,
+                        checkpoint_every: int = 100, timestep_fs: float | None = None,
+                        log: Callable[[str], None] | None = None, **settings) -> OnTheFlyCalculator:
         """The calculator for a script: a pretrained ``backbone`` (``"7net-0"``, a SevenNet
         checkpoint or a MACE model file), a ``reference`` (an ASE calculator instance, or a
         name or import path as in the TOML, with ``reference_options``), the error threshold
         ε (``(0.5, "kcal/mol")``, ``"0.5 kcal/mol"``, ``"20 meV"``) and any setting of the
         TOML's ``[model]``, ``[uncertainty]``, ``[safety]`` and ``[updates]`` as a keyword
         with its name there (``chains=4``, ``confidence=0.9``, ``policy="deferred"``),
-        validated the same way. Use it as a context manager (``with ... as calc``) so that
-        its worker processes end with the block."""
+        validated the same way.
+
+        With ``run_dir`` the calculator keeps a run directory as ``flytune run`` does
+        (:mod:`flytune.otf.scripted`; ``timestep_fs``: the script's MD time step, for the
+        logs' time axis) and a script started again resumes from its checkpoint. Use it as a
+        context manager (``with ... as calc``): the block's end writes the summary and
+        ``model.pt`` and ends the worker processes; inside it, Ctrl-C stops at once, and
+        during a force call (an update) leaves the last checkpoint in place, its labels
+        reused by the next start."""
+        import sys
+
         from flytune.runconfig import keyword_settings
 
         try:
@@ -228,20 +242,65 @@ class OnTheFlyCalculator(Calculator):
         tables = keyword_settings(settings, model={"backbone": backbone},
                                   uncertainty={"threshold": value, "threshold_unit": unit})
         reference = as_reference(reference, reference_options, retries)
-        ensemble = Ensemble.from_config(tables["model"], tables["uncertainty"], seed=seed)
-        return cls(ensemble, reference, safety=tables["safety"], updates=tables["updates"], on_failure=on_failure)
 
-    def close(self) -> None:
-        """End the ensemble's worker processes (and a Parsl reference's executor)."""
-        self.ensemble.close()
-        if callable(getattr(self.reference, "close", None)):
-            self.reference.close()
+        def build(ensemble: Ensemble | None, calibrator: Calibrator | None) -> OnTheFlyCalculator:
+            if ensemble is None:
+                ensemble = Ensemble.from_config(tables["model"], tables["uncertainty"], seed=seed)
+            return cls(ensemble, reference, safety=tables["safety"], updates=tables["updates"], calibrator=calibrator,
+                       on_failure=on_failure)
+
+        if run_dir is None:
+            return build(None, None)
+        from flytune.otf.scripted import ScriptRun
+
+        dump = {name: table.model_dump(mode="json") for name, table in tables.items()}
+        identity = {key: dump["model"][key] for key in ("backbone", "chains", "prior", "sigma_prior", "posterior",
+                                                        "head_widths")}
+        identity.update(seed=seed, reference=getattr(reference, "name", type(reference).__name__))
+        script = ScriptRun.open(run_dir, identity, dump, tables["uncertainty"], build, checkpoint_every, timestep_fs,
+                                log or (lambda message: print(message, file=sys.stderr)))
+        script.calc.script = script
+        return script.calc
+
+    def close(self) -> dict | None:
+        """Write the run directory's summary and ``model.pt`` (with ``run_dir``), end the
+        ensemble's worker processes (and a Parsl reference's executor); returns the summary."""
+        summary = None
+        try:
+            if self.script is not None:
+                summary, self.script = self.script.close(consistent=not self._busy), None
+        finally:
+            self.ensemble.close()
+            if callable(getattr(self.reference, "close", None)):
+                self.reference.close()
+        return summary
 
     def __enter__(self) -> OnTheFlyCalculator:
+        import signal
+        import threading
+
+        self._previous_sigint = None
+        if threading.current_thread() is threading.main_thread():
+            def on_sigint(signum, frame):  # inside a force call: cut the update (UpdateInterrupted); else stop now
+                if self._busy and self.stop is not None and not self.stop.is_set():
+                    self.stop.set()
+                    return
+                raise KeyboardInterrupt
+
+            self.stop = self.stop or threading.Event()
+            self._previous_sigint = signal.signal(signal.SIGINT, on_sigint)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import signal
+
+        if self._previous_sigint is not None:
+            signal.signal(signal.SIGINT, self._previous_sigint)
+            self._previous_sigint = None
         self.close()
+        if exc_type is UpdateInterrupted:
+            raise KeyboardInterrupt("stopped during a posterior update; its labels are on disk and the next start "
+                                    "on the same run_dir learns them") from None
 
     @property
     def misfit(self) -> LabelMisfit | None:
@@ -273,6 +332,7 @@ class OnTheFlyCalculator(Calculator):
         label written as it returns; then, in order, the errors into the calibration and the
         labels into the update schedule, and at most one update for all of them."""
         walkers = list(range(len(structures))) if walkers is None else list(walkers)
+        self._busy = True  # until the end: an exception leaves it set (see close)
         for atoms in structures:
             self.ensemble.data.check_composition(atoms, fix="start a new run for the new composition")
         self.poll_update()
@@ -326,6 +386,7 @@ class OnTheFlyCalculator(Calculator):
                               "energy_eV": results["energy"], "energy_std_eV": step.sigma,
                               "prob_exceed": verdict.prob_exceed, "reference_called": step.called,
                               "uncontrolled": uncontrolled, "predict_s": predict_s / len(structures)})
+        self._busy = False
         return out
 
     def _reference_results(self, calls: list[ForceCall]):
