@@ -49,12 +49,41 @@ def config(run_dir, steps: int, threshold_kcal: float, **extra) -> RunConfig:
     })
 
 
+def so_far(args) -> None:
+    """The walkers arm as far as it ran (a stopped run): calls, updates, exceedance, and
+    what each update left: the misfit of the members at their newest label."""
+    from flytune.report import read_run, summarize_run
+    from flytune.units import KCAL_MOL
+
+    run_dir = FOLDER / f"walkers_{args.steps}_eps{args.threshold:g}"
+    log = read_run(run_dir)
+    figures = summarize_run(log)
+    kcal = 1 / KCAL_MOL
+    result = {"system": "Si8 cubic diamond, NPT 1 bar, 1 fs", "complete": False, "steps_per_walker": args.steps,
+              "temperatures_K": TEMPERATURES_K, "threshold_kcal_mol": args.threshold, "reference": REFERENCE,
+              "posterior": POSTERIOR,
+              "walkers_so_far": {
+                  "rounds": figures["md_steps"] // len(TEMPERATURES_K), "reference_calls": figures["reference_calls"],
+                  "updates": figures["updates"], "exceed_fraction": figures["exceed_fraction"],
+                  "rmse_at_interventions_kcal": figures["rmse_at_interventions_eV"] * kcal,
+                  "per_walker": figures["walkers"],
+                  "update_s": [round(u["update_s"], 1) for u in log.updates],
+                  "label_misfit_after_update_kcal": [round(u["label_misfit_eV"] * kcal, 2) for u in log.updates],
+                  "label_force_misfit_after_update_eV_A": [round(u["label_force_misfit_eV_A"], 3) for u in log.updates]}}
+    print(json.dumps(result, indent=2))
+    print("wrote", write_results("walkers_si8", result))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=100, help="MD steps per walker")
     parser.add_argument("--threshold", type=float, default=4.0, help="ε, kcal/mol")
     parser.add_argument("--frames", type=int, default=15, help="random frames per temperature")
+    parser.add_argument("--so-far", action="store_true",
+                        help="run nothing: write the walkers arm's figures so far, read from its run directory")
     args = parser.parse_args()
+    if args.so_far:
+        return so_far(args)
     FOLDER.mkdir(parents=True, exist_ok=True)
     if not (FOLDER / "si8.xyz").exists():
         atoms = bulk("Si", "diamond", a=5.43, cubic=True)

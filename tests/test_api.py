@@ -184,3 +184,30 @@ def test_a_killed_script_loses_no_label_and_computes_none_twice(cu_model, tmp_pa
     assert summary["reference_calls"] == len(after) and summary["labels_pending"] == 0
     with flytune.load(run_dir / "model.pt", workers=1) as ensemble:
         assert len(ensemble.data) == len(after)  # the final model learned every label
+
+
+def test_ctrl_c_during_an_update_keeps_the_last_checkpoint(cu_model, tmp_path):
+    """Inside the ``with`` block, Ctrl-C during a posterior update cuts it: the run
+    directory keeps the checkpoint from before it, and the next start reuses its label."""
+    import json
+    import signal
+
+    settings = dict(reference=EMT(), threshold="50 meV", chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3,
+                    force_call_after=2, seed=1, run_dir=tmp_path / "run", log=lambda m: None)
+    with pytest.raises(KeyboardInterrupt, match="during a posterior update"):
+        with flytune.OnTheFlyCalculator.from_pretrained(cu_model, **settings) as calc:
+            atoms = cu4()
+            atoms.calc = calc
+            atoms.get_forces()  # the first label and its update
+            calc.on_update_progress = lambda chain, step, ll: signal.raise_signal(signal.SIGINT) if step == 3 else None
+            VelocityVerlet(atoms, 2 * units.fs).run(5)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the script's handler is back
+    labels = (tmp_path / "run" / "checkpoint" / "labels.jsonl").read_text().splitlines()
+    assert len(labels) == 2 and not (tmp_path / "run" / "summary.json").exists()
+    messages = []
+    with flytune.OnTheFlyCalculator.from_pretrained(cu_model, **{**settings, "log": messages.append}) as calc:
+        assert calc.state.reference_calls == 1 and len(calc.pending) == 1
+        assert json.loads(labels[1])["info"]["force_call"] == calc.pending[0].force_call
+    assert any("1 label(s) to reuse" in m for m in messages)
+    with flytune.load(tmp_path / "run" / "model.pt", workers=1) as ensemble:
+        assert len(ensemble.data) == 2  # the label of the cut update, learned at the block's end

@@ -427,6 +427,11 @@ class OnTheFlyCalculator(Calculator):
         if reason is not None:
             self.learn_pending(reason)
 
+    def adopt_pending(self) -> None:
+        """Queue every label still waiting for its replay (the MD did not come back to it)."""
+        while self.pending:
+            self._adopt(self.pending.pop(0))
+
     def learn_pending(self, reason: str = "end of run") -> tuple[float, int]:
         """Update the posterior on the labels waiting for it: (seconds the MD waited, labels
         the update learns). With ``[updates] background`` the update starts in the worker

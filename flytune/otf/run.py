@@ -444,8 +444,10 @@ class OnTheFlyRun:
                     on_progress(self)
                 if stopped:
                     break
-            if all(w.done for w in self.walkers) and (self.calc.schedule.pending or self.ensemble.learning):
-                self.calc.learn_pending("end of run")  # model.pt learns every label
+            if all(w.done for w in self.walkers):
+                self.calc.adopt_pending()  # labels from before a kill that the resumed MD did not revisit
+                if self.calc.schedule.pending or self.ensemble.learning:
+                    self.calc.learn_pending("end of run")  # model.pt learns every label
         except (ReferenceFailure, ModelFailure) as exc:
             kind = "reference failure" if isinstance(exc, ReferenceFailure) else "model failure"
             stopped = f"{kind} at MD step {self._where()}: {exc}"

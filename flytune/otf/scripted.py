@@ -144,6 +144,7 @@ class ScriptRun:
         try:
             if not consistent:
                 return None
+            self.calc.adopt_pending()
             if self.calc.schedule.pending or self.calc.ensemble.learning:
                 self.calc.learn_pending("end of run")  # model.pt learns every label
             self.checkpoint()
