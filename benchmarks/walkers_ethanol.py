@@ -12,9 +12,12 @@ no forced calls), in two arms:
 - ``single``: one trajectory (trans) of 4 × ``--steps`` steps, the reference in-process.
 
 Reported (``results/walkers_ethanol.json``): wall time, calls (per walker), updates,
-exceedance, steps outside the promise, and the learning phase in wall time: the run's
-wall time when 90 % of its calls had returned, and at its last call (``wall_s`` of the
-interventions). Run directories in ``benchmarks/runs/walkers_ethanol/`` resume.
+exceedance, steps outside the promise, the learning phase in wall time (the run's wall
+time when 90 % of its calls had returned, and at its last call: ``wall_s`` of the
+interventions), and the speed-up of both arms over reference MD priced at the single
+run's median call (``speedup_at_single_run_t_ref``: the walkers' calls ran two at once
+on 2 cores, each slower than alone). Run directories in
+``benchmarks/runs/walkers_ethanol/`` resume.
 
     .venv/bin/python benchmarks/walkers_ethanol.py [--steps 100]
 """
@@ -81,6 +84,11 @@ def main() -> None:
     run_dir = FOLDER / f"single_{4 * args.steps}"
     config = RunConfig.model_validate({**base, "run_dir": str(run_dir), "md": {**base["md"], "steps": 4 * args.steps}})
     results["single"] = figures(run_for(config, None), run_dir)
+    # both arms priced at one reference MD: the single run's calls, made one at a time (the
+    # walkers' ran two at once on the 2 cores, each slower than alone)
+    t_ref = results["single"]["median_reference_s"]
+    for arm in results.values():
+        arm["speedup_at_single_run_t_ref"] = arm["steps"] * t_ref / arm["wall_s"]
     result = {"system": "ethanol, Langevin 300 K, 0.5 fs", "conformers_torsion_deg": TORSIONS_DEG,
               "steps_per_walker": args.steps, "single_steps": 4 * args.steps,
               "settings": "flytune demo (demo_config): 2 chains x 40 steps, eps 1 kcal/mol", **results}

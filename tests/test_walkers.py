@@ -289,3 +289,18 @@ def test_deferred_updates_pool_every_walkers_labels_and_walkers_may_end_early(wo
     pending_walkers = {iv["walker"] for iv in interventions if iv["update"] == "deferred"}
     assert len(pending_walkers) > 1  # labels of several walkers waited together
     assert len(step_rows(rd, 1)) == 1 + 7
+
+
+def test_calls_at_once_are_marked_and_the_speedup_prices_the_calls_made_alone(uninterrupted):
+    interventions = [json.loads(line) for line in (uninterrupted / "interventions.jsonl").read_text().splitlines()]
+    by_step = {}
+    for iv in interventions:
+        by_step.setdefault(iv["step"], []).append(iv)
+    assert all(iv["calls_at_once"] == len(group) for group in by_step.values() for iv in group)
+    assert by_step[0][0]["calls_at_once"] == 3  # the three first structures, at once on the Parsl workers
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    alone = [iv["reference_s"] for iv in interventions if iv["calls_at_once"] == 1 and iv["reference_s"] > 0]
+    if alone:
+        assert summary["median_reference_s"] == pytest.approx(float(np.median(alone)))
+    # overlapping calls: the MD waited less than the calls lasted together
+    assert summary["time_reference_wall_s"] <= summary["time_reference_s"] + 0.5

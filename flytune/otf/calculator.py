@@ -94,6 +94,8 @@ class Intervention:
     #: a background update was running during the call (the two shared the machine)
     update_running: bool = False
     walker: int = 0  # whose structure was labelled
+    #: reference calls made at once with this one (several walkers' calls on Parsl workers)
+    calls_at_once: int = 1
 
 
 @dataclass(eq=False)
@@ -113,6 +115,7 @@ class ForceCall:
     uncontrolled: str = ""
     by_misfit: bool = False
     called: bool = False
+    calls_at_once: int = 1  # reference calls made at once with this one
     error: float = 0.0  # E_ref + Δ − Ê, once labelled
     calibrated: float = 0.0  # σ·sqrt(b'/a') before observing the error
 
@@ -127,7 +130,8 @@ class CalculatorState:
     walker_force_calls: dict[int, int] = field(default_factory=dict)
     walker_last_call: dict[int, int] = field(default_factory=dict)
     time_predict_s: float = 0.0
-    time_reference_s: float = 0.0
+    time_reference_s: float = 0.0  # the calls' durations, summed
+    time_reference_wall_s: float = 0.0  # the wall time the MD waited for them (calls at once overlap)
     time_update_s: float = 0.0
     skipped_failures: int = 0
     updates: int = 0
@@ -405,6 +409,8 @@ class OnTheFlyCalculator(Calculator):
                     continue
                 self._adopt(candidate)
             fresh.append(step)
+        for step in fresh:
+            step.calls_at_once = len(fresh) if getattr(self.reference, "concurrent", False) else 1
         for i, result in compute_concurrently(self.reference, [step.atoms for step in fresh]):
             step = fresh[i]
             if isinstance(result, ReferenceFailure):
@@ -528,6 +534,7 @@ class OnTheFlyCalculator(Calculator):
         update_running = bool(self.ensemble.learning)
         data = self.ensemble.data
         done, failure = {}, None
+        start = time.perf_counter()
         for step, label, reference_s, replayed in self._reference_results(calls):
             if isinstance(label, ReferenceFailure):
                 if self.on_failure == "skip" and not first_round:
@@ -546,6 +553,7 @@ class OnTheFlyCalculator(Calculator):
                 self.on_label(label, {"first": step.verdict.reason == "first"})
             faults.point("label-written")
             done[step] = (label, reference_s)
+        self.state.time_reference_wall_s += time.perf_counter() - start
         if failure is not None:
             raise failure
         labelled_steps = [step for step in calls if step in done]
@@ -585,7 +593,7 @@ class OnTheFlyCalculator(Calculator):
                 reference_s=reference_s, update_s=update_s if last else 0.0, first=step.verdict.reason == "first",
                 reason=step.verdict.reason, update=due or "deferred", labels_learned=learned if last else 0,
                 label_misfit=step.misfit, by_misfit=step.by_misfit, update_running=update_running,
-                walker=step.walker,
+                walker=step.walker, calls_at_once=step.calls_at_once,
             )
             if self.on_intervention is not None:
                 self.on_intervention(label, intervention)
@@ -613,6 +621,7 @@ class OnTheFlyCalculator(Calculator):
         misfit, and the result cache for ``atoms`` (so no extra call happens)."""
         counters = dict(state["state"])
         last_call = counters.pop("last_call", None)  # a checkpoint from before walkers
+        counters.setdefault("time_reference_wall_s", counters.get("time_reference_s", 0.0))  # from before the field
         if "walker_force_calls" not in counters:
             counters["walker_force_calls"] = {0: counters["force_calls"]}
             counters["walker_last_call"] = {0: last_call} if last_call is not None else {}

@@ -370,15 +370,16 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
       below the level; :func:`flytune.otf.decision.trusted_sigma`).
 
     t_ref counts calls made in this run directory (a label replayed on resume costs 0),
-    and only those made while no background update ran, when there are any: a call that
-    shares the cores with an update takes longer than the reference alone would, and
-    pricing the reference MD at that time would flatter the speed-up.
+    and only those made alone, when there are any: while no background update ran and
+    with no other walker's call at once (``calls_at_once``); a call that shares the cores
+    takes longer than the reference alone would, and pricing the reference MD at that
+    time would flatter the speed-up.
     """
     causes = [c for c in steps.get("uncontrolled", np.array([])) if c]
     by_cause = {c: causes.count(c) for c in sorted(set(causes))}
     md_steps = md_steps_of(steps)
     made = [r for r in interventions if r["reference_s"] > 0]
-    alone = [r for r in made if not r.get("update_running")]
+    alone = [r for r in made if not r.get("update_running") and r.get("calls_at_once", 1) == 1]
     t_ref = np.array([r["reference_s"] for r in (alone or made)])
     t_pred = steps.get("predict_s", np.array([]))
     t_pred = t_pred[np.isfinite(t_pred)]
