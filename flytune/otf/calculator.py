@@ -22,6 +22,9 @@ step ran without the call the rule asked for; empty if it did not).
 
 from __future__ import annotations
 
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -235,8 +238,6 @@ class OnTheFlyCalculator(Calculator):
         ``model.pt`` and ends the worker processes; inside it, Ctrl-C stops at once, and
         during a force call (an update) leaves the last checkpoint in place, its labels
         reused by the next start."""
-        import sys
-
         from flytune.runconfig import keyword_settings
 
         try:
@@ -280,9 +281,6 @@ class OnTheFlyCalculator(Calculator):
         return summary
 
     def __enter__(self) -> OnTheFlyCalculator:
-        import signal
-        import threading
-
         self._previous_sigint = None
         if threading.current_thread() is threading.main_thread():
             def on_sigint(signum, frame):  # inside a force call: cut the update (UpdateInterrupted); else stop now
@@ -296,8 +294,6 @@ class OnTheFlyCalculator(Calculator):
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        import signal
-
         if self._previous_sigint is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None

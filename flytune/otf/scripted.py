@@ -20,6 +20,7 @@ so no reference calculation is lost or repeated.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -105,8 +106,6 @@ class ScriptRun:
         self.rd.append_label(atoms)
 
     def _on_intervention(self, atoms, iv: Intervention) -> None:
-        import dataclasses
-
         record = self._stamp(dataclasses.asdict(iv), iv.force_call)
         record["wall_s"] = self.wall_s
         self.rd.append_intervention(record)
