@@ -250,6 +250,8 @@ class ProductionConfig(_Strict):
         20, description="consecutive steps with P(|e| > ε) above the call level that leave the trusted region")
     on_untrusted: Literal["stop", "warn"] = Field(
         "stop", description="stop: end the MD there (the frame is kept to restart on-the-fly learning); warn: go on")
+    spot_check_every: PositiveInt | None = Field(
+        None, description="call [reference] every this many steps to measure the true error (none: never)")
     model: str | None = Field(None, description="the fine-tuned ensemble; default RUN_DIR/model.pt")
     out: str | None = Field(None, description="where the MD writes its files; default RUN_DIR/md")
 

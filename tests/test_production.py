@@ -114,3 +114,23 @@ def test_md_without_a_model_is_one_clear_error(folder, tmp_path):
     cfg = config(folder, "nomodel", threshold=1.0).model_copy(update={"run_dir": str(tmp_path / "none")})
     with pytest.raises(FlytuneError, match="no fine-tuned model"):
         production_md(cfg, log=lambda m: None)
+
+
+def test_spot_checks_measure_the_true_error_with_the_reference(folder):
+    from ase.calculators.emt import EMT
+
+    extra = 'spot_check_every = 4\n[reference]\nname = "ase.calculators.emt:EMT"'
+    summary = production_md(config(folder, "spot", threshold=10.0, extra=extra), log=lambda m: None)
+    records = [json.loads(line) for line in (folder / "spot" / "spot_checks.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 4, 8, 12] and summary["spot_checks"] == 4
+    with Ensemble.load(folder / "run" / "model.pt", workers=1) as ens:
+        offset = ens.data.energy_offset
+    frames = {a.info["step"]: a for a in read(folder / "spot" / "trajectory.traj", index=":")}
+    for r in records:
+        probe = frames[r["step"]].copy()
+        probe.calc = EMT()
+        assert r["energy_ref_eV"] == pytest.approx(probe.get_potential_energy())
+        assert r["error_eV"] == pytest.approx(r["energy_ref_eV"] + offset - r["energy_pred_eV"])
+    errors = np.array([r["error_eV"] for r in records])
+    assert summary["spot_check_rmse_eV"] == pytest.approx(float(np.sqrt(np.mean(errors**2))))
+    assert summary["spot_check_exceed_fraction"] == pytest.approx(float(np.mean(np.abs(errors) > 10.0)))

@@ -13,10 +13,16 @@ from it. A trajectory that has P above the call level 1 − confidence for
 ``untrusted_steps`` consecutive steps has left the region the model was taught: the run
 warns, writes that frame to ``untrusted.extxyz`` (a start for on-the-fly learning from
 there) and, with ``on_untrusted = "stop"``, ends.
+
+With ``spot_check_every = N`` the config's ``[reference]`` labels every N-th step (in this
+process): the true error e = E_ref + Δ − Ê goes to ``spot_checks.jsonl`` beside σ and P,
+and the summary says how often |e| > ε there, a check of the calibration on the
+production trajectory itself.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +37,7 @@ from flytune.config import RunConfig
 from flytune.errors import FlytuneError
 from flytune.otf.calculator import check_stress_defined
 from flytune.otf.decision import Decision
+from flytune.otf.reference import make_reference
 from flytune.otf.run import make_dynamics, read_start_structure, set_temperature
 from flytune.otf.rundir import RunDirectory
 
@@ -96,21 +103,34 @@ def production_md(config: RunConfig, steps: int | None = None, stop=None, log: C
                 ZeroRotation(atoms)
         atoms.calc = calc
         dyn = make_dynamics(md, atoms, config.seed)
+        reference = None
+        if config.production.spot_check_every is not None:
+            reference = make_reference(config.reference.name, config.reference.options, config.reference.retries)
         out.lock()
         # what `flytune report` reads: the settings in force (one trajectory at the top)
         out.write_json(out.config, {"identity": config.identity(),
                                     "config": config.model_copy(update={"walkers": []}).model_dump(mode="json")})
         try:
-            return _advance(config, dyn, atoms, calc, out, total, stop, log, on_step)
+            return _advance(config, dyn, atoms, calc, out, total, stop, log, on_step, reference)
         finally:
             out.unlock()
 
 
-def _advance(config, dyn, atoms, calc, out: RunDirectory, total: int, stop, log, on_step) -> dict:
+def _advance(config, dyn, atoms, calc, out: RunDirectory, total: int, stop, log, on_step, reference) -> dict:
     p, md = config.production, config.md
     level = 1 - calc.decision.confidence
     run_of, longest, untrusted, left_at, stopped = 0, 0, 0, None, None
+    errors: list[float] = []
     start = time.perf_counter()
+
+    def spot_check(step: int, r: dict) -> None:
+        result = reference.compute(atoms)
+        error = result.energy + calc.ensemble.data.energy_offset - r["energy"]
+        errors.append(error)
+        record = {"step": step, "energy_pred_eV": r["energy"], "energy_ref_eV": result.energy, "error_eV": error,
+                  "energy_std_eV": r["energy_std"], "prob_exceed": r["prob_exceed"], "reference_s": result.wall_s}
+        with open(out.path / "spot_checks.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def record(step: int) -> None:
         nonlocal run_of, longest, untrusted, left_at
@@ -122,6 +142,8 @@ def _advance(config, dyn, atoms, calc, out: RunDirectory, total: int, stop, log,
         out.append_step({"step": step, "force_call": step + 1, "time_fs": step * md.timestep_fs, "energy_eV": r["energy"],
                          "energy_std_eV": r["energy_std"], "prob_exceed": r["prob_exceed"], "reference_called": False,
                          "temperature_K": atoms.get_temperature(), "uncontrolled": "", "predict_s": calc.predict_s})
+        if reference is not None and step % p.spot_check_every == 0:
+            spot_check(step, r)
         if step % md.trajectory_every == 0:
             frame = atoms.copy()
             frame.calc = None
@@ -157,5 +179,9 @@ def _advance(config, dyn, atoms, calc, out: RunDirectory, total: int, stop, log,
                "confidence": calc.decision.confidence, "steps_above_level": int(untrusted),
                "longest_run_above_level": longest, "left_trusted_region_at_step": left_at,
                "wall_s": time.perf_counter() - start, "stopped": stopped}
+    if reference is not None:
+        e = np.abs(np.array(errors))
+        summary.update(spot_checks=int(e.size), spot_check_exceed_fraction=float(np.mean(e > calc.decision.threshold_eV)),
+                       spot_check_rmse_eV=float(np.sqrt(np.mean(e**2))))
     out.write_json(out.summary, summary)
     return summary
