@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
+from flytune.errors import FlytuneError
 from flytune.units import KCAL_MOL, EnergyUnit, energy_to_eV
 
 #: per-architecture defaults of the method (σ_p, η_max, Gamma prior a and b)
@@ -15,6 +16,20 @@ FAMILY_DEFAULTS: dict[str, dict[str, float]] = {
     "nequip": {"sigma_prior": 0.2, "eta_max": 1e-4, "calibration_shape": 3.0, "calibration_rate": 10.0},
     "mace": {"sigma_prior": 0.5, "eta_max": 1e-3, "calibration_shape": 1.5, "calibration_rate": 10.0},
 }
+
+
+def family_defaults(family: str, missing: list[str]) -> dict[str, float]:
+    """The family's defaults of the settings in ``missing`` (those left unset); a family
+    without measured defaults asks for them to be set."""
+    if not missing:
+        return {}
+    if family not in FAMILY_DEFAULTS:
+        raise FlytuneError(
+            f"flytune has no measured defaults of {', '.join(missing)} for {family} backbones yet; "
+            "set them in the run configuration ([model] sigma_prior, eta_max; [uncertainty] "
+            "calibration_shape, calibration_rate)"
+        )
+    return {k: FAMILY_DEFAULTS[family][k] for k in missing}
 
 
 class _Strict(BaseModel):
@@ -58,9 +73,8 @@ class ModelConfig(_Strict):
 
     def resolved(self, family: str) -> ModelConfig:
         """A copy with every family default filled in."""
-        defaults = FAMILY_DEFAULTS[family]
-        updates = {k: defaults[k] for k in ("sigma_prior", "eta_max") if getattr(self, k) is None}
-        return self.model_copy(update=updates)
+        missing = [k for k in ("sigma_prior", "eta_max") if getattr(self, k) is None]
+        return self.model_copy(update=family_defaults(family, missing))
 
     @property
     def force_sigma0(self) -> float:
@@ -96,11 +110,8 @@ class UncertaintyConfig(_Strict):
         return energy_to_eV(self.threshold, self.threshold_unit)
 
     def resolved(self, family: str) -> UncertaintyConfig:
-        defaults = FAMILY_DEFAULTS[family]
-        updates = {
-            k: defaults[k] for k in ("calibration_shape", "calibration_rate") if getattr(self, k) is None
-        }
-        return self.model_copy(update=updates)
+        missing = [k for k in ("calibration_shape", "calibration_rate") if getattr(self, k) is None]
+        return self.model_copy(update=family_defaults(family, missing))
 
 
 class OfflineConfig(_Strict):

@@ -7,7 +7,10 @@ One file per member, in the backbone package's own format (:meth:`Backbone.expor
   ``sevenn get_model member_<i>.pth`` deploys it to LAMMPS (``pair_style e3gnn``);
 - MACE: ``member_<i>.model``, the whole model; ``MACECalculator(model_paths=[...])``
   loads them as a committee (its ``energy_var``) and ``mace_create_lammps_model``
-  converts one for LAMMPS (``pair_style mace``).
+  converts one for LAMMPS (``pair_style mace``);
+- CHGNet: ``member_<i>.pth.tar``, CHGNet's own file (weights and model arguments);
+  ``CHGNetCalculator(model=CHGNet.from_file(path))`` runs it in ASE (CHGNet has no
+  LAMMPS pair style).
 
 Beside them ``manifest.json``: the energy offset Δ (each member predicts on the
 backbone's energy scale; the reference's energy is E − Δ), the run's ε and calibration
@@ -26,6 +29,8 @@ from flytune.errors import FlytuneError
 from flytune.files import write_text_atomic
 
 MANIFEST_FORMAT = "flytune.export/1"
+#: the package whose stock calculator loads the exported files, by backbone family
+PACKAGES = {"nequip": "sevenn", "mace": "mace", "chgnet": "chgnet"}
 
 
 def model_file(source: str | os.PathLike) -> Path:
@@ -59,7 +64,7 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> dict:
             "format": MANIFEST_FORMAT,
             "source": str(path.resolve()),
             "backbone": spec,
-            "package": "mace" if family == "mace" else "sevenn",
+            "package": PACKAGES[family],
             "members": files,
             "energy_offset_eV": ensemble.data.energy_offset,
             "energy_offset_meaning": "each member predicts E on the backbone's scale; the reference's energy is E - energy_offset_eV",
@@ -87,6 +92,13 @@ def _usage(family: str, files: list[str], elements: list[int]) -> dict:
             "ase": f"MACECalculator(model_paths={files!r}, device='cpu', default_dtype='float32')",
             "lammps_convert": f"mace_create_lammps_model {files[0]}",
             "lammps": ["pair_style mace no_domain_decomposition", f"pair_coeff * * {files[0]}-lammps.pt {symbols}"],
+        }
+    if family == "chgnet":
+        return {
+            "ase": f"CHGNetCalculator(model=CHGNet.from_file('{files[0]}'), use_device='cpu')",
+            "lammps_convert": None,
+            "lammps": None,
+            "note": "CHGNet has no LAMMPS pair style; run it through ASE (chgnet.model.dynamics)",
         }
     return {
         "ase": f"SevenNetCalculator(model='{files[0]}')",

@@ -11,4 +11,4 @@ command -v "$PYTHON" >/dev/null || PYTHON=python3
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet "torch==2.13.0" "e3nn==0.6.0" -e ".[test]"
 .venv/bin/python -m pip install --quiet --no-deps "mace-torch==0.3.16"
-.venv/bin/python -c "import torch, e3nn, sevenn, mace; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+.venv/bin/python -c "import torch, e3nn, sevenn, mace, chgnet; assert torch.__version__.startswith('2.13.0'), torch.__version__"
