@@ -8,6 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
+from flytune.bayes.calibration import Calibrator
 from flytune.errors import FlytuneError
 from flytune.units import KCAL_MOL, EnergyUnit, energy_to_eV
 
@@ -95,6 +96,10 @@ class UncertaintyConfig(_Strict):
     confidence: float = Field(0.95, gt=0, lt=1, description="call the reference when P(|e|>ε) > 1 − confidence")
     calibration_shape: PositiveFloat | None = Field(None, description="a of the Gamma prior; 3 NequIP, 1.5 MACE")
     calibration_rate: PositiveFloat | None = Field(None, description="b of the Gamma prior; 10")
+    calibration_discount: float = Field(
+        1.0, gt=0, le=1, description="γ: the error seen k calls ago counts with weight γ^k in the calibration "
+        "(memory about 1/(1 − γ) calls); 1: no forgetting, the published rule",
+    )
     calibration_checks: NonNegativeInt = Field(
         5, description="while the calibration holds fewer than this many errors, call the reference once "
         "2^n force calls (n errors seen) have passed since the last call; 0: none, the published rule",
@@ -108,6 +113,10 @@ class UncertaintyConfig(_Strict):
     @property
     def threshold_eV(self) -> float:
         return energy_to_eV(self.threshold, self.threshold_unit)
+
+    def calibrator(self) -> Calibrator:
+        """A calibration with no error seen yet, with this prior and discount (resolved settings)."""
+        return Calibrator(self.calibration_shape, self.calibration_rate, discount=self.calibration_discount)
 
     def resolved(self, family: str) -> UncertaintyConfig:
         missing = [k for k in ("calibration_shape", "calibration_rate") if getattr(self, k) is None]

@@ -84,3 +84,45 @@ def test_observe_rejects_nonpositive_sigma():
 def test_unknown_form():
     with pytest.raises(ValueError):
         prob_within(0.5, 0.1, 3.0, 10.0, form="beta")
+
+
+def test_discount_weighs_the_error_seen_k_calls_ago_by_gamma_to_the_k():
+    gamma = 0.8
+    c = Calibrator(shape=3.0, rate=10.0, discount=gamma)
+    for e, s in zip(ERRORS, STDS):
+        c.observe(e, s)
+    z2 = (np.array(ERRORS) / np.array(STDS)) ** 2
+    w = gamma ** np.arange(len(z2))[::-1]  # the newest error has weight 1
+    assert c.n == 4
+    assert c.posterior_shape == pytest.approx(3.0 + 0.5 * w.sum())
+    assert c.posterior_rate == pytest.approx(10.0 + 0.5 * (w * z2).sum())
+    assert Calibrator.from_state_dict(c.state_dict()) == c
+    # no forgetting is the paper's rule
+    assert worked_example() == Calibrator(3.0, 10.0, 4, worked_example().sum_z2, 1.0, 4.0)
+
+
+def test_discount_forgets_errors_of_a_model_the_run_no_longer_has():
+    """40 errors at 6σ (a model that has not learned yet), then 200 at 1σ: without
+    forgetting the calibrated σ stays inflated; with γ = 0.95 (memory 20 calls) it comes
+    back to within 20 % of the errors' true scale, and b'/a' tracks the recent mean z²."""
+    rng = np.random.default_rng(1)
+    early, late = rng.normal(0, 6.0, 40), rng.normal(0, 1.0, 200)
+    keep, forget = Calibrator(3.0, 10.0), Calibrator(3.0, 10.0, discount=0.95)
+    for z in np.concatenate([early, late]):
+        keep.observe(z, 1.0)
+        forget.observe(z, 1.0)
+    assert keep.calibrated_sigma(1.0) > 2.0
+    assert forget.calibrated_sigma(1.0) == pytest.approx(1.0, rel=0.2)
+    assert forget.posterior_shape == pytest.approx(3.0 + 0.5 / (1 - 0.95), rel=1e-3)  # w → 1/(1 − γ)
+
+
+def test_a_state_written_before_forgetting_loads_as_the_paper_rule():
+    old = {"shape": 3.0, "rate": 10.0, "n": 4, "sum_z2": 6.38}
+    c = Calibrator.from_state_dict(old)
+    assert c.discount == 1.0 and c.weight == 4.0 and c.posterior_shape == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("discount", [0.0, 1.5, -0.1])
+def test_invalid_discount(discount):
+    with pytest.raises(ValueError, match="discount"):
+        Calibrator(discount=discount)

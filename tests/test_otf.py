@@ -675,14 +675,17 @@ def test_different_config_cannot_resume(workdir, uninterrupted, monkeypatch, cap
 def test_changed_threshold_takes_effect_on_resume(workdir):
     path = write_config(workdir, "retune", steps=6)
     run(load_run_config(path), log=lambda m: None)
-    path.write_text(path.read_text().replace("threshold = 0.05", "threshold = 0.2").replace("steps = 6", "steps = 9"))
+    path.write_text(path.read_text().replace("threshold = 0.05", "threshold = 0.2\ncalibration_discount = 0.9")
+                    .replace("steps = 6", "steps = 9"))
     logs = []
     summary = run(load_run_config(path), log=logs.append)
     assert any("threshold changed from 0.05 to 0.2" in line for line in logs)
+    assert any("calibration_discount changed from 1.0 to 0.9" in line for line in logs)
     assert summary["steps"] == 9
     assert summary["threshold_eV"] == pytest.approx(0.2 * 0.0433641, rel=1e-4)
     ensemble = torch.load(workdir / "retune" / "checkpoint" / "checkpoint.pt", weights_only=True)["ensemble"]
     assert ensemble["spec"]["energy_sigma"] == pytest.approx(0.1 * summary["threshold_eV"])  # σ_E follows ε
+    assert ensemble["calibrator"]["discount"] == 0.9
     report = summarize_run(read_run(workdir / "retune"))  # the report judges with the ε in force
     assert report["threshold_eV"] == pytest.approx(summary["threshold_eV"])
     assert report["exceed_fraction"] == pytest.approx(summary["exceed_fraction"])

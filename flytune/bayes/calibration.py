@@ -11,6 +11,9 @@ Student-t with ν = 2a' degrees of freedom and scale s = σ·sqrt(b'/a'), so
     P(|e| < ε) = 2·T_ν(ε/s) − 1
                = 2ε·Γ(a'+½) / (Γ(a')·sqrt(2π b' σ²)) · ₂F₁(½, a'+½; 3/2; −ε²/(2 b' σ²)).
 
+With forgetting (discount γ < 1, see :class:`Calibrator`), the error seen k calls ago
+counts with weight γ^k: a' = a + ½ Σ_j γ^{n−j}, b' = b + ½ Σ_j γ^{n−j} z_j².
+
 The decision to call the reference (P(|e| > ε) > 1 − confidence, default 5 %) is made
 by :class:`flytune.otf.decision.Decision`.
 """
@@ -66,31 +69,52 @@ class Calibrator:
     r"""Gamma-prior calibration of the precision multiplier λ, updated by observed errors.
 
     ``shape`` and ``rate`` are the prior (a, b) (method defaults: a = 3, b = 10 for
-    NequIP-type backbones, a = 1.5, b = 10 for MACE); ``n`` and ``sum_z2`` = Σ z_j²
-    summarise the observed standardised errors. A prior mean a/b < 1 makes the model
-    deliberately underconfident at the start, so a miscalibration cannot stop the
+    NequIP-type backbones, a = 1.5, b = 10 for MACE). A prior mean a/b < 1 makes the
+    model deliberately underconfident at the start, so a miscalibration cannot stop the
     reference calls for good.
+
+    ``discount`` γ ∈ (0, 1] forgets errors made by a model the run no longer has. The
+    posterior is a power prior over the run's history: the likelihood of the error seen
+    k calls ago enters raised to γ^k,
+
+        a' = a + ½·w,   w = Σ_j γ^{n−j},          b' = b + ½·S,   S = Σ_j γ^{n−j} z_j²,
+
+    updated recursively (w ← γ·w + 1, S ← γ·S + z²). The prior (a, b) itself is never
+    discounted, so the rule cannot become more confident than the prior allows from
+    little data; the data weigh at most 1/(1 − γ) calls (w → 1/(1 − γ)), and b'/a'
+    follows the recent mean of z². Errors made before the posterior had learned (far
+    above their σ) thus leave b' after a few memory lengths instead of never. γ = 1 (the
+    default) is the paper's rule, a' = a + n/2, b' = b + ½ Σ z_j².
+
+    ``n`` counts the errors seen (undiscounted; the calibration checks use it), ``weight``
+    is w and ``sum_z2`` is S.
     """
 
     shape: float = 3.0
     rate: float = 10.0
     n: int = 0
     sum_z2: float = 0.0
+    discount: float = 1.0
+    weight: float | None = None  # None: n (a state written before forgetting existed)
 
     def __post_init__(self) -> None:
         if not (self.shape > 0 and self.rate > 0):
             raise ValueError(
                 f"calibration prior needs shape > 0 and rate > 0, got shape={self.shape}, rate={self.rate}"
             )
+        if not 0 < self.discount <= 1:
+            raise ValueError(f"calibration discount must be in (0, 1], got {self.discount}")
+        if self.weight is None:
+            self.weight = float(self.n)
 
     @property
     def posterior_shape(self) -> float:
-        """a' = a + n/2."""
-        return self.shape + 0.5 * self.n
+        """a' = a + w/2 (w = n without forgetting)."""
+        return self.shape + 0.5 * self.weight
 
     @property
     def posterior_rate(self) -> float:
-        """b' = b + ½ Σ z_j²."""
+        """b' = b + S/2 (S = Σ z_j² without forgetting)."""
         return self.rate + 0.5 * self.sum_z2
 
     def observe(self, error: float, sigma: float) -> None:
@@ -98,7 +122,8 @@ class Calibrator:
         if not (np.isfinite(error) and np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"need a finite error and sigma > 0, got error={error}, sigma={sigma}")
         self.n += 1
-        self.sum_z2 += float(error / sigma) ** 2
+        self.weight = self.discount * self.weight + 1.0
+        self.sum_z2 = self.discount * self.sum_z2 + float(error / sigma) ** 2
 
     def prob_within(self, threshold: float, sigma, form: Form = "t"):
         """P(|e| < ε) for predictions with std ``sigma``."""

@@ -323,7 +323,7 @@ class Ensemble:
         or the prior of the uncertainty settings when none is given. Structures that a
         background update is still learning are left out: no chain has learned them."""
         if calibrator is None:
-            calibrator = Calibrator(self.uncertainty.calibration_shape, self.uncertainty.calibration_rate)
+            calibrator = self.uncertainty.calibrator()
         return {
             "format": FORMAT,
             "spec": self.spec.state_dict(),

@@ -192,7 +192,7 @@ class OnTheFlyCalculator(Calculator):
         self.ensemble = ensemble
         self.reference = reference
         self.decision = Decision(
-            calibrator or Calibrator(u.calibration_shape, u.calibration_rate),
+            calibrator or u.calibrator(),
             u.threshold_eV if threshold is None else threshold,
             u.confidence if confidence is None else confidence,
             safety,

@@ -174,10 +174,12 @@ def apply_changed_settings(ensemble: Ensemble, calibrator: Calibrator, uncertain
     old = ensemble.uncertainty
     ensemble.set_uncertainty(uncertainty)
     new = ensemble.uncertainty
-    for key in ("threshold", "threshold_unit", "confidence", "calibration_shape", "calibration_rate"):
+    for key in ("threshold", "threshold_unit", "confidence", "calibration_shape", "calibration_rate",
+                "calibration_discount"):
         if getattr(old, key) != getattr(new, key):
             log(f"{key} changed from {getattr(old, key)} to {getattr(new, key)}: takes effect now")
     calibrator.shape, calibrator.rate = new.calibration_shape, new.calibration_rate
+    calibrator.discount = new.calibration_discount
 
 
 def uncontrolled_line(summary: dict) -> str | None:
