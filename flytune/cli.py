@@ -231,7 +231,9 @@ def print_summary(summary: dict, run_dir: str) -> None:
         f"{run_dir}: {summary['steps']} MD steps ({summary['simulated_ps']:.3f} ps), "
         f"{summary['reference_calls']} reference calls{_why_called(summary)}, "
         f"{fmt(summary['exceed_fraction'] and 100 * summary['exceed_fraction'], '.1f')} % of interventions above ε, "
-        f"RMSE at interventions {fmt(summary['rmse_at_interventions_kcal'], '.3f')} kcal/mol; "
+        + (f"{100 * summary['force_exceed_fraction']:.1f} % above ε_F in forces, "
+           if summary.get("force_exceed_fraction") is not None else "")
+        + f"RMSE at interventions {fmt(summary['rmse_at_interventions_kcal'], '.3f')} kcal/mol; "
         f"wall time: MD {summary['time_md_s']:.0f} s, reference {summary['time_reference_s']:.0f} s, "
         f"updates {summary['time_update_s']:.0f} s ({summary.get('updates', '-')} updates); "
         f"speed-up over reference MD {fmt(summary.get('speedup_vs_reference_md'), '.2f')}× "

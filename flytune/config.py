@@ -109,10 +109,32 @@ class UncertaintyConfig(_Strict):
         "(energy and forces, carried to first order to later structures) beyond σ_E; false: the published "
         "rule, the ensemble's σ alone",
     )
+    criterion: Literal["energy", "forces", "both"] = Field(
+        "energy", description="what the call decides on: P(|e| > ε) (energy), P(max_a |ΔF_a| > ε_F) (forces), "
+        "or either above the level (both)",
+    )
+    force_threshold: PositiveFloat | None = Field(
+        None, description="ε_F, the largest tolerated error of one atom's force vector; needed by criterion "
+        "'forces' or 'both', and scores the force errors at calls whatever the criterion",
+    )
+    force_threshold_unit: Literal["eV/A", "kcal/mol/A"] = "eV/A"
+
+    @model_validator(mode="after")
+    def _force_threshold_given(self) -> UncertaintyConfig:
+        if self.criterion != "energy" and self.force_threshold is None:
+            raise ValueError(f"criterion = {self.criterion!r} needs force_threshold (ε_F, in force_threshold_unit)")
+        return self
 
     @property
     def threshold_eV(self) -> float:
         return energy_to_eV(self.threshold, self.threshold_unit)
+
+    @property
+    def force_threshold_eV_A(self) -> float | None:
+        """ε_F in eV/Å, or None."""
+        if self.force_threshold is None:
+            return None
+        return self.force_threshold * (KCAL_MOL if self.force_threshold_unit == "kcal/mol/A" else 1.0)
 
     def calibrator(self) -> Calibrator:
         """A calibration with no error seen yet, with this prior and discount (resolved settings)."""

@@ -33,7 +33,8 @@ from scipy.ndimage import gaussian_filter1d
 
 from flytune.config import UncertaintyConfig
 from flytune.errors import FlytuneError
-from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures, md_steps_of, walker_figures
+from flytune.otf.rundir import (RunDirectory, cost_figures, force_exceed_fraction, intervention_figures, md_steps_of,
+                               walker_figures)
 from flytune.units import energy_to_eV
 
 FIGURES = ("calls", "probability", "errors", "sigma_error", "calibration", "traces")
@@ -52,6 +53,7 @@ class RunLog:
     unit: str  # the user's energy unit for display
     summary: dict | None  # summary.json of the last finished segment, if any
     walkers: list[dict] | None = None  # per walker of a run with [[walkers]] (:func:`walker_figures`)
+    force_threshold_eV_A: float | None = None  # ε_F, if the run set one
 
     @property
     def per_unit(self) -> float:
@@ -74,7 +76,7 @@ def read_run(path: str | Path) -> RunLog:
     interventions = rd.read_interventions()
     walkers = walker_figures(rd, interventions, uncertainty.threshold_eV) if rd.walkers else None
     return RunLog(Path(path), rd.read_steps(None), interventions, rd.read_updates(), uncertainty.threshold_eV,
-                  uncertainty.confidence, uncertainty.threshold_unit, summary, walkers)
+                  uncertainty.confidence, uncertainty.threshold_unit, summary, walkers, uncertainty.force_threshold_eV_A)
 
 
 # -- the statistics ---------------------------------------------------------------------
@@ -113,6 +115,7 @@ def summarize_run(run: RunLog) -> dict:
         "threshold_eV": run.threshold_eV,
         "unit": run.unit,
         "exceed_fraction": exceed,
+        "force_exceed_fraction": force_exceed_fraction(run.interventions, run.force_threshold_eV_A),
         "rmse_at_interventions_eV": rmse,
         "rmse_at_interventions_unit": rmse / run.per_unit if rmse is not None else None,
         "mean_calibrated_std_eV": float(np.sqrt(np.mean(sigma**2))) if sigma.size else None,

@@ -45,6 +45,9 @@ confidence = 0.95              # call the reference when P(|e| > ε) > 5 %
 label_misfit = true            # σ also counts how far the members miss their newest label
 calibration_checks = 5         # calls at 1, 2, 4, 8, 16 steps from the last until 5 errors are seen
 calibration_discount = 1.0     # γ < 1: the error seen k calls ago weighs γ^k (memory ≈ 1/(1−γ) calls)
+criterion = "energy"           # energy | forces | both: which P(error > threshold) decides a call
+# force_threshold = 1.0        # ε_F, the largest tolerated error of one atom's force (forces, both)
+# force_threshold_unit = "kcal/mol/A"   # or "eV/A"
 
 [md]
 driver = "langevin"            # langevin | verlet | nose-hoover | npt

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import stats
 
 from flytune.bayes.calibration import Calibrator, predictive_scale, prob_within
 
@@ -126,3 +127,35 @@ def test_a_state_written_before_forgetting_loads_as_the_paper_rule():
 def test_invalid_discount(discount):
     with pytest.raises(ValueError, match="discount"):
         Calibrator(discount=discount)
+
+
+def test_force_probability_matches_monte_carlo():
+    from flytune.bayes.calibration import prob_force_within
+
+    rng = np.random.default_rng(3)
+    shape, rate, eps = 6.0, 4.0, 0.3
+    sigma_atoms = rng.uniform(0.03, 0.12, size=24)  # eV/Å, per atom
+    lam = rng.gamma(shape, 1.0 / rate, size=400_000)
+    errors = rng.normal(size=(lam.size, sigma_atoms.size, 3)) * (sigma_atoms[None, :, None] / np.sqrt(lam)[:, None, None])
+    mc = np.mean(np.linalg.norm(errors, axis=2).max(axis=1) < eps)
+    assert 0.2 < mc < 0.95  # a probability that tests the integral, not its tails
+    assert prob_force_within(eps, sigma_atoms, shape, rate) == pytest.approx(mc, abs=3e-3)
+    c = Calibrator(shape, rate)
+    assert c.prob_force_exceed(eps, sigma_atoms) == pytest.approx(1 - mc, abs=3e-3)
+    # one atom: λ|ΔF|²/s² ~ χ²₃, so with λ fixed (a huge, a/b = 1) the chi distribution's CDF
+    assert prob_force_within(eps, [0.1], 1e7, 1e7) == pytest.approx(stats.chi2.cdf((eps / 0.1) ** 2, 3), abs=1e-3)
+    p = [prob_force_within(eps, np.full(n, 0.08), shape, rate) for n in (1, 8, 64)]
+    assert p[0] > p[1] > p[2]  # more atoms, more chances of one above ε_F
+
+
+def test_force_z2_is_one_observation_per_structure():
+    from flytune.bayes.calibration import force_z2
+
+    errors = np.array([[0.1, -0.2, 0.0], [0.3, 0.0, 0.1]])
+    variances = np.full((2, 3), 0.01)
+    assert force_z2(errors, variances) == pytest.approx(np.mean(errors**2) / 0.01)
+    c = Calibrator(3.0, 10.0)
+    c.observe_z2(force_z2(errors, variances))
+    assert c.n == 1 and c.posterior_shape == 3.5 and c.posterior_rate == pytest.approx(10 + 0.5 * 2.5)
+    with pytest.raises(ValueError):
+        force_z2(errors, np.zeros((2, 3)))

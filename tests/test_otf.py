@@ -159,6 +159,42 @@ def test_student_t_rule_decides_without_safety_nets(workdir):
     assert calc.state.steps_uncontrolled == 0 and all(r["uncontrolled"] == "" for r in rows)
 
 
+@pytest.mark.parametrize("force_threshold", [2.5, 3.5])
+def test_force_criterion_decides_on_the_largest_atom_force_error(workdir, force_threshold):
+    """criterion = "forces": a step without a call has P(max_a |ΔF_a| > ε_F) ≤ 5 %, a call
+    by the probability has it above 5 %. At ε_F = 2.5 eV/Å the force rule calls where the
+    energy rule alone would not (P(|e| > ε) ≤ 5 %); at 3.5 eV/Å it is confident between
+    the calibration checks. Each call feeds the force calibration one z² and records
+    max_a |ΔF_a|; the force calibration survives a checkpoint."""
+    rows, ivs = [], []
+    u = UncertaintyConfig(threshold=10.0, threshold_unit="eV", calibration_shape=1.5, calibration_rate=20.0,
+                          criterion="forces", force_threshold=force_threshold, force_threshold_unit="eV/A")
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3), u, seed=0)
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              safety=SafetyConfig(force_call_after=None), on_step=rows.append,
+                              on_intervention=lambda atoms, iv: ivs.append((atoms, iv)))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(10)
+    by_reason = {iv.force_call: iv.reason for _, iv in ivs}
+    by_probability = [r for r in rows if by_reason.get(r["force_call"]) == "probability"]
+    assert all(r["prob_force_exceed"] > 0.05 for r in by_probability)
+    assert all(r["prob_force_exceed"] <= 0.05 for r in rows if not r["reference_called"])
+    if force_threshold == 2.5:
+        assert any(r["prob_exceed"] <= 0.05 for r in by_probability)  # called for the forces alone
+    else:
+        assert any(not r["reference_called"] for r in rows)
+    assert calc.decision.force_calibrator.n == calc.state.reference_calls - 1
+    for label, iv in ivs[1:]:
+        step = next(r for r in rows if r["force_call"] == iv.force_call)
+        assert iv.force_error_max > 0 and iv.prob_force_exceed == step["prob_force_exceed"]
+    again = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"))
+    again.load_state_dict(calc.state_dict())
+    assert again.decision.force_calibrator == calc.decision.force_calibrator
+    assert again.decision.criterion == "forces" and again.decision.force_threshold_eV_A == force_threshold
+
+
 def test_a_call_cap_that_blocks_the_rule_is_counted_per_step(workdir):
     """With max_reference_calls = 1 the rule's second call is refused: that step and every
     later one with P(|e| > ε) > 5 % is marked, with its cause."""
@@ -675,12 +711,16 @@ def test_different_config_cannot_resume(workdir, uninterrupted, monkeypatch, cap
 def test_changed_threshold_takes_effect_on_resume(workdir):
     path = write_config(workdir, "retune", steps=6)
     run(load_run_config(path), log=lambda m: None)
-    path.write_text(path.read_text().replace("threshold = 0.05", "threshold = 0.2\ncalibration_discount = 0.9")
+    path.write_text(path.read_text().replace("threshold = 0.05", "threshold = 0.2\ncalibration_discount = 0.9\n"
+                                                                  "force_threshold = 0.5")
                     .replace("steps = 6", "steps = 9"))
     logs = []
     summary = run(load_run_config(path), log=logs.append)
     assert any("threshold changed from 0.05 to 0.2" in line for line in logs)
     assert any("calibration_discount changed from 1.0 to 0.9" in line for line in logs)
+    # ε_F set on resume: the force errors of every call are scored against it
+    assert summary["criterion"] == "energy" and summary["force_threshold_eV_A"] == 0.5
+    assert 0 <= summary["force_exceed_fraction"] <= 1 and summary["force_calibration"]["n"] >= 0
     assert summary["steps"] == 9
     assert summary["threshold_eV"] == pytest.approx(0.2 * 0.0433641, rel=1e-4)
     ensemble = torch.load(workdir / "retune" / "checkpoint" / "checkpoint.pt", weights_only=True)["ensemble"]

@@ -59,6 +59,51 @@ def prob_within(threshold, sigma, shape, rate, form: Form = "t"):
     return p[()] if p.ndim == 0 else p
 
 
+#: quantiles of the Gamma posterior that :func:`prob_force_within` averages over
+FORCE_QUADRATURE_POINTS = 1000
+
+
+def prob_force_within(threshold, sigma_atoms, shape, rate, points: int = FORCE_QUADRATURE_POINTS) -> float:
+    r"""P(max over atoms of |ΔF_a| < ε_F) for predicted force errors of per-atom std
+    ``sigma_atoms`` s_a (one unit with ``threshold`` ε_F, e.g. eV/Å), under the force
+    calibration's Gamma(a', b') posterior on a precision multiplier λ shared by the atoms.
+
+    Each atom's error vector is ΔF_a | λ ~ N(0, (s_a²/λ)·I₃), with s_a² the mean of the
+    atom's three component variances (ensemble spread plus σ_F² of the likelihood head),
+    so λ|ΔF_a|²/s_a² ~ χ²₃ and, the atoms independent given λ,
+
+        P(max_a |ΔF_a| < ε_F) = ∫ Gamma(λ; a', b') · Π_a P(3/2, λ ε_F² / (2 s_a²)) dλ,
+
+    P the regularised lower incomplete gamma function. The integral is the mean of the
+    product over ``points`` midpoint quantiles of the Gamma posterior (error below
+    1/points; the integrand is monotone in λ).
+    """
+    sigma = np.asarray(sigma_atoms, dtype=float).reshape(-1)
+    if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
+        raise ValueError("every per-atom force std must be finite and > 0")
+    lam = stats.gamma.ppf((np.arange(points) + 0.5) / points, a=shape, scale=1.0 / rate)
+    x = np.outer(lam, 0.5 * float(threshold) ** 2 / sigma**2)  # (points, atoms)
+    with np.errstate(divide="ignore"):
+        log_within = np.log(special.gammainc(1.5, x)).sum(axis=1)
+    return float(np.mean(np.exp(log_within)))
+
+
+def force_z2(errors, variances) -> float:
+    r"""The standardised squared force error of one labelled structure,
+
+        u = (1/3A) Σ_{a,k} ΔF_{a,k}² / σ²_{a,k},
+
+    which a force calibration observes as one z² per structure: the errors of the atoms
+    of one structure come from one model error field and are far from independent, so
+    counting its 3A components as 3A observations would make the calibration confident
+    after a single call. E[u] = 1/λ as E[z²] = 1/λ, so b'/a' estimates the same factor.
+    """
+    errors, variances = np.asarray(errors, dtype=float), np.asarray(variances, dtype=float)
+    if errors.shape != variances.shape or not np.all(variances > 0):
+        raise ValueError("force errors and variances need one shape and variances > 0")
+    return float(np.mean(errors**2 / variances))
+
+
 def predictive_scale(sigma, shape, rate):
     """Scale s = σ·sqrt(b'/a') of the Student-t predictive error (the calibrated σ)."""
     return np.asarray(sigma, dtype=float) * np.sqrt(rate / shape)
@@ -121,9 +166,15 @@ class Calibrator:
         """Record one intervention: error e = E_ref − Ê and the std σ predicted before the update."""
         if not (np.isfinite(error) and np.isfinite(sigma) and sigma > 0):
             raise ValueError(f"need a finite error and sigma > 0, got error={error}, sigma={sigma}")
+        self.observe_z2(float(error / sigma) ** 2)
+
+    def observe_z2(self, z2: float) -> None:
+        """Record one standardised squared error z² (e.g. :func:`force_z2` of a structure)."""
+        if not (np.isfinite(z2) and z2 >= 0):
+            raise ValueError(f"need a finite z² >= 0, got {z2}")
         self.n += 1
         self.weight = self.discount * self.weight + 1.0
-        self.sum_z2 = self.discount * self.sum_z2 + float(error / sigma) ** 2
+        self.sum_z2 = self.discount * self.sum_z2 + float(z2)
 
     def prob_within(self, threshold: float, sigma, form: Form = "t"):
         """P(|e| < ε) for predictions with std ``sigma``."""
@@ -132,6 +183,10 @@ class Calibrator:
     def prob_exceed(self, threshold: float, sigma):
         """P(|e| > ε) = 1 − P(|e| < ε)."""
         return 1.0 - self.prob_within(threshold, sigma)
+
+    def prob_force_exceed(self, threshold: float, sigma_atoms) -> float:
+        """P(max_a |ΔF_a| > ε_F) for per-atom force stds ``sigma_atoms`` (:func:`prob_force_within`)."""
+        return 1.0 - prob_force_within(threshold, sigma_atoms, self.posterior_shape, self.posterior_rate)
 
     def calibrated_sigma(self, sigma):
         """Scale of the predictive error, σ·sqrt(b'/a')."""

@@ -99,6 +99,10 @@ class Intervention:
     walker: int = 0  # whose structure was labelled
     #: reference calls made at once with this one (several walkers' calls on Parsl workers)
     calls_at_once: int = 1
+    #: max over atoms of |F_ref − F̂| (eV/Å), the error the force criterion bounds by ε_F
+    force_error_max: float = 0.0
+    #: P(max_a |ΔF_a| > ε_F) before the call; None without ε_F
+    prob_force_exceed: float | None = None
 
 
 @dataclass(eq=False)
@@ -121,6 +125,7 @@ class ForceCall:
     calls_at_once: int = 1  # reference calls made at once with this one
     error: float = 0.0  # E_ref + Δ − Ê, once labelled
     calibrated: float = 0.0  # σ·sqrt(b'/a') before observing the error
+    forces_var: np.ndarray | None = None  # eV²/Å², (n, 3): total variance of the predicted forces
 
 
 @dataclass
@@ -197,6 +202,8 @@ class OnTheFlyCalculator(Calculator):
             u.confidence if confidence is None else confidence,
             safety,
             u.calibration_checks,
+            criterion=u.criterion,
+            force_threshold_eV_A=u.force_threshold_eV_A,
         )
         self.schedule = UpdateSchedule(updates, self.decision.threshold_eV)
         self.on_failure = on_failure
@@ -348,7 +355,8 @@ class OnTheFlyCalculator(Calculator):
         first_round = len(self.ensemble.data) + len(self.schedule.pending) == 0
         steps, calls = [], []
         for i, (atoms, walker) in enumerate(zip(structures, walkers)):
-            forces = pred.forces[pred.structure_index == i]
+            mine_atoms = pred.structure_index == i
+            forces, forces_var = pred.forces[mine_atoms], pred.forces_var[mine_atoms]
             energy, sigma = float(pred.energy[i]), float(pred.energy_std[i])
             misfit = self.misfits.get(walker)
             r = misfit.at(atoms) if misfit is not None and self.ensemble.uncertainty.label_misfit else 0.0
@@ -357,14 +365,17 @@ class OnTheFlyCalculator(Calculator):
             mine = st.walker_force_calls[walker]
             verdict = self.decision.decide(sigma, labels=0 if first_round else 1,
                                            reference_calls=st.reference_calls + len(calls),
-                                           since_call=mine - last if last is not None else mine)
+                                           since_call=mine - last if last is not None else mine,
+                                           force_sigma=np.sqrt(forces_var.mean(axis=1)))
             results = {"energy": energy, "forces": forces}
             if pred.stress is not None and atoms.pbc.all():
                 results["stress"] = pred.stress[i]
             step = ForceCall(atoms, walker, first_call + i, energy, forces, sigma, verdict, r, results,
                              uncontrolled=verdict.reason if verdict.uncontrolled else "",
                              by_misfit=verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
-                             and not self.decision.wants_call(self.decision.prob_exceed(ensemble_sigma)))
+                             and not self.decision.wants_call(self.decision.deciding_prob(
+                                 self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
+                             forces_var=forces_var)
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -379,12 +390,13 @@ class OnTheFlyCalculator(Calculator):
             if "stress" in results:
                 results["stress"] = full_3x3_to_voigt_6_stress(results["stress"])
             results.update(energy_std=step.sigma, prob_exceed=verdict.prob_exceed, reference_called=step.called,
-                           uncontrolled=uncontrolled)
+                           uncontrolled=uncontrolled, prob_force_exceed=verdict.prob_force_exceed)
             out.append(results)
             if self.on_step is not None:
                 self.on_step({"force_call": step.force_call, "walker": step.walker,
                               "energy_eV": results["energy"], "energy_std_eV": step.sigma,
-                              "prob_exceed": verdict.prob_exceed, "reference_called": step.called,
+                              "prob_exceed": verdict.prob_exceed, "prob_force_exceed": verdict.prob_force_exceed,
+                              "reference_called": step.called,
                               "uncontrolled": uncontrolled, "predict_s": predict_s / len(structures)})
         self._busy = False
         return out
@@ -561,8 +573,11 @@ class OnTheFlyCalculator(Calculator):
             label.info.update(energy_offset=offset)
             step.error = raw + offset - step.energy
             step.calibrated = self.decision.calibrated_sigma(step.sigma)
+            force_error = label.get_forces(apply_constraint=False) - step.forces
+            step.force_error_max = float(np.linalg.norm(force_error, axis=1).max())
             if not first:
                 self.decision.observe(step.error, step.sigma)  # σ predicted before the update
+                self.decision.observe_forces(force_error, step.forces_var)
             self.state.time_reference_s += reference_s
             reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first)
             reasons.append(reason)
@@ -589,7 +604,8 @@ class OnTheFlyCalculator(Calculator):
                 reference_s=reference_s, update_s=update_s if last else 0.0, first=step.verdict.reason == "first",
                 reason=step.verdict.reason, update=due or "deferred", labels_learned=learned if last else 0,
                 label_misfit=step.misfit, by_misfit=step.by_misfit, update_running=update_running,
-                walker=step.walker, calls_at_once=step.calls_at_once,
+                walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
+                prob_force_exceed=step.verdict.prob_force_exceed,
             )
             if self.on_intervention is not None:
                 self.on_intervention(label, intervention)
@@ -608,7 +624,9 @@ class OnTheFlyCalculator(Calculator):
         schedule = self.schedule.state_dict()
         if self._learning is not None:  # not in the checkpoint's data: waiting again on resume
             schedule["pending"] = [label_record(a) for a in self._learning[0]] + schedule["pending"]
+        force_calibrator = self.decision.force_calibrator
         return {"state": asdict(self.state), "cache": cache, "schedule": schedule,
+                "force_calibration": None if force_calibrator is None else force_calibrator.state_dict(),
                 "misfits": {w: m.state_dict() for w, m in self.misfits.items()},
                 "newest": {w: label_record(a) for w, a in self.newest.items()}}
 
@@ -626,6 +644,12 @@ class OnTheFlyCalculator(Calculator):
         misfits = state.get("misfits", {0: state["misfit"]} if state.get("misfit") else {})
         self.misfits = {int(w): LabelMisfit.from_state_dict(m) for w, m in misfits.items()}
         self.newest = {int(w): label_from_record(r) for w, r in state.get("newest", {}).items()}
+        force_calibration = state.get("force_calibration")
+        if force_calibration is not None and self.decision.force_calibrator is not None:
+            restored = Calibrator.from_state_dict(force_calibration)
+            prior = self.decision.force_calibrator  # the settings in force now: a resume may change them
+            restored.shape, restored.rate, restored.discount = prior.shape, prior.rate, prior.discount
+            self.decision.force_calibrator = restored
         if atoms is None:
             return
         cache = state.get("cache")

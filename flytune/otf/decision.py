@@ -7,7 +7,11 @@ multiplier) gives a Student-t predictive error with ν = 2a' and scale σ·sqrt(
 
     P(|e| > ε) = 2·(1 − T_ν(ε / (σ·sqrt(b'/a')))),
 
-and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). In order:
+and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). With
+``criterion = "forces"`` the probability is P(max_a |ΔF_a| > ε_F) from the per-atom force
+stds, under a force calibration of its own (:func:`flytune.bayes.calibration.prob_force_within`,
+one standardised squared force error per call, :func:`~flytune.bayes.calibration.force_z2`);
+with ``"both"``, either probability above the level calls. In order:
 
 1. the first structure of a run is always labelled (it sets the energy offset);
 2. ``max_reference_calls`` reached: no more calls;
@@ -33,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from ase.geometry import find_mic
 
-from flytune.bayes.calibration import Calibrator
+from flytune.bayes.calibration import Calibrator, force_z2
 from flytune.config import SafetyConfig
 
 
@@ -118,6 +122,8 @@ class Verdict:
     #: the rule asked for a call (P(|e| > ε) above the level) and a limit kept it from
     #: being made: a step outside the promise
     uncontrolled: bool = False
+    #: P(max_a |ΔF_a| > ε_F) under the force calibration; None without ε_F
+    prob_force_exceed: float | None = None
 
 
 class Decision:
@@ -125,48 +131,84 @@ class Decision:
     nets: everything that decides whether the reference is called.
 
     ``threshold_eV`` ε and σ are in eV; ``confidence`` c calls when P(|e| > ε) > 1 − c.
+    ``criterion`` (``"energy"``, ``"forces"``, ``"both"``) says which probability decides;
+    ``force_threshold_eV_A`` ε_F and ``force_calibrator`` (its own Gamma state, default
+    the energy calibration's prior) serve the force probability, which is computed, and
+    the force calibration fed, whenever ε_F is given.
     """
 
     def __init__(self, calibrator: Calibrator, threshold_eV: float, confidence: float,
-                 safety: SafetyConfig | None = None, checks: int = 0):
+                 safety: SafetyConfig | None = None, checks: int = 0, *, criterion: str = "energy",
+                 force_threshold_eV_A: float | None = None, force_calibrator: Calibrator | None = None):
         if not threshold_eV > 0:
             raise ValueError(f"the threshold must be > 0 eV, got {threshold_eV}")
         if not 0 < confidence < 1:
             raise ValueError(f"the confidence must be in (0, 1), got {confidence}")
+        if criterion not in ("energy", "forces", "both"):
+            raise ValueError(f"criterion must be 'energy', 'forces' or 'both', not {criterion!r}")
+        if criterion != "energy" and not (force_threshold_eV_A or 0) > 0:
+            raise ValueError(f"criterion {criterion!r} needs a force threshold > 0 eV/Å")
         self.calibrator = calibrator
         self.threshold_eV = float(threshold_eV)
         self.confidence = float(confidence)
         self.safety = safety or SafetyConfig()
         self.checks = int(checks)
+        self.criterion = criterion
+        self.force_threshold_eV_A = None if force_threshold_eV_A is None else float(force_threshold_eV_A)
+        if force_calibrator is None and self.force_threshold_eV_A is not None:
+            force_calibrator = Calibrator(calibrator.shape, calibrator.rate, discount=calibrator.discount)
+        self.force_calibrator = force_calibrator
 
     def prob_exceed(self, sigma: float) -> float:
         """P(|e| > ε) for a prediction with std ``sigma`` (eV)."""
         return float(self.calibrator.prob_exceed(self.threshold_eV, sigma))
 
+    def prob_force_exceed(self, force_sigma) -> float | None:
+        """P(max_a |ΔF_a| > ε_F) for per-atom force stds ``force_sigma`` (eV/Å); None without ε_F."""
+        if self.force_threshold_eV_A is None or force_sigma is None:
+            return None
+        return self.force_calibrator.prob_force_exceed(self.force_threshold_eV_A, force_sigma)
+
+    def deciding_prob(self, prob: float, prob_force: float | None) -> float:
+        """The probability the criterion compares with the level: P(|e| > ε), P(max |ΔF| > ε_F)
+        or the larger of the two."""
+        if self.criterion == "energy" or prob_force is None:
+            return prob
+        return prob_force if self.criterion == "forces" else max(prob, prob_force)
+
     def wants_call(self, prob_exceed: float) -> bool:
         """Whether P(|e| > ε) is above the call level 1 − confidence."""
         return prob_exceed > 1.0 - self.confidence
 
-    def decide(self, sigma: float, *, labels: int, since_call: int, reference_calls: int) -> Verdict:
-        """The verdict at a structure with std ``sigma`` (eV), given the number of labels so
-        far, the force calls since the last reference call (counting this one) and the
+    def decide(self, sigma: float, *, labels: int, since_call: int, reference_calls: int,
+               force_sigma=None) -> Verdict:
+        """The verdict at a structure with std ``sigma`` (eV) and per-atom force stds
+        ``force_sigma`` (eV/Å; needed by the force criterion), given the number of labels
+        so far, the force calls since the last reference call (counting this one) and the
         reference calls made (see the module docstring for the order of the rules)."""
         if labels == 0:
-            return Verdict(True, 1.0, "first")
+            return Verdict(True, 1.0, "first", prob_force_exceed=None if self.force_threshold_eV_A is None else 1.0)
         prob = self.prob_exceed(sigma)
+        prob_force = self.prob_force_exceed(force_sigma)
+        if self.criterion != "energy" and prob_force is None:
+            raise ValueError(f"criterion {self.criterion!r} needs the per-atom force stds")
         s = self.safety
-        wanted = self.wants_call(prob)
+        wanted = self.wants_call(self.deciding_prob(prob, prob_force))
+
+        def verdict(call: bool, reason: str, uncontrolled: bool = False) -> Verdict:
+            return Verdict(call, prob, reason, uncontrolled, prob_force)
+
         if s.max_reference_calls is not None and reference_calls >= s.max_reference_calls:
-            return Verdict(False, prob, "call cap", uncontrolled=wanted)
+            return verdict(False, "call cap", uncontrolled=wanted)
         if since_call <= s.min_steps_between_calls:
-            return Verdict(False, prob, "waiting", uncontrolled=wanted)
+            return verdict(False, "waiting", uncontrolled=wanted)
         if s.force_call_after is not None and since_call >= s.force_call_after:
-            return Verdict(True, prob, "forced")
+            return verdict(True, "forced")
         if not wanted and self.check_due(since_call):
-            return Verdict(True, prob, "check")
+            return verdict(True, "check")
         if wanted:
-            return Verdict(True, prob, "probability")
-        return Verdict(False, prob, "confident")
+            return verdict(True, "probability")
+        return verdict(False, "confident")
 
     def check_due(self, since_call: int) -> bool:
         r"""Whether a calibration check is due: with n < ``checks`` errors seen,
@@ -187,6 +229,13 @@ class Decision:
         """Record the error e (eV) of a labelled structure and the std σ (eV) predicted
         there before the update."""
         self.calibrator.observe(error, sigma)
+
+    def observe_forces(self, errors, variances) -> None:
+        """Record the force errors ΔF (A, 3) of a labelled structure (eV/Å) and the force
+        variances (eV²/Å²) predicted there before the update, as one z²
+        (:func:`~flytune.bayes.calibration.force_z2`); nothing without a force calibration."""
+        if self.force_calibrator is not None:
+            self.force_calibrator.observe_z2(force_z2(errors, variances))
 
     def calibrated_sigma(self, sigma: float) -> float:
         """The scale σ·sqrt(b'/a') of the predictive error (eV)."""

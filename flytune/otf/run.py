@@ -29,7 +29,8 @@ from flytune.errors import FlytuneError
 from flytune.otf.calculator import Intervention, ModelFailure, OnTheFlyCalculator, PendingLabel, UpdateInterrupted
 from flytune.otf.execution import ParslReference, build_reference
 from flytune.otf.reference import ReferenceFailure
-from flytune.otf.rundir import RunDirectory, cost_figures, intervention_figures, walker_figures
+from flytune.otf.rundir import (RunDirectory, cost_figures, force_exceed_fraction, intervention_figures,
+                               walker_figures)
 from flytune.otf.walkers import Walker, WalkerCalculator, run_together
 from flytune.units import KCAL_MOL
 
@@ -142,6 +143,11 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, simulat
         "threshold_eV": threshold,
         "confidence": calc.decision.confidence,
         "calibration": {"shape": cal.posterior_shape, "rate": cal.posterior_rate, "n": cal.n},
+        "criterion": calc.decision.criterion,
+        "force_threshold_eV_A": calc.decision.force_threshold_eV_A,
+        "force_exceed_fraction": force_exceed_fraction(interventions, calc.decision.force_threshold_eV_A),
+        "force_calibration": None if (fc := calc.decision.force_calibrator) is None else
+        {"shape": fc.posterior_shape, "rate": fc.posterior_rate, "n": fc.n},
         "time_md_s": max(wall_s - st.time_reference_wall_s - st.time_update_s, 0.0),
         "time_reference_s": st.time_reference_s,
         "time_reference_wall_s": st.time_reference_wall_s,

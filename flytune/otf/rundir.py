@@ -44,7 +44,7 @@ from flytune.files import replacing, write_text_atomic
 from flytune.otf import faults
 
 STEP_COLUMNS = ["step", "force_call", "time_fs", "energy_eV", "energy_std_eV", "prob_exceed",
-                "reference_called", "temperature_K", "uncontrolled", "predict_s"]
+                "prob_force_exceed", "reference_called", "temperature_K", "uncontrolled", "predict_s"]
 
 
 def _fsync_append(path: Path, text: str) -> None:
@@ -343,6 +343,15 @@ def intervention_figures(records: list[dict], threshold_eV: float) -> tuple[floa
     if not errors.size:
         return None, None
     return float(np.mean(np.abs(errors) > threshold_eV)), float(np.sqrt(np.mean(errors**2)))
+
+
+def force_exceed_fraction(records: list[dict], force_threshold_eV_A: float | None) -> float | None:
+    """Fraction of the interventions that test a prediction (all but the first) whose
+    largest per-atom force error max_a |ΔF_a| exceeds ε_F; None without ε_F or such records."""
+    errors = np.array([r["force_error_max"] for r in records if not r["first"] and "force_error_max" in r])
+    if force_threshold_eV_A is None or not errors.size:
+        return None
+    return float(np.mean(errors > force_threshold_eV_A))
 
 
 def md_steps_of(steps: dict[str, np.ndarray]) -> int:
