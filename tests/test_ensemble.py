@@ -285,12 +285,15 @@ def test_model_files_written_before_the_refactor_still_load(monkeypatch):
     np.testing.assert_allclose(pred.forces, expected["forces"], rtol=1e-8, atol=1e-12)
     np.testing.assert_allclose(pred.stress[0], expected["stress"][0], rtol=1e-8, atol=1e-12)
     calibrator = saved_calibrator(Ensemble.read_state("ensemble_v1.pt"))
-    assert calibrator.state_dict() == expected["calibrator"] and calibrator.n == 2
-    # saved again with its calibration, the file has the same keys
+    # a state written before forgetting existed loads as the paper's rule: γ = 1, w = n
+    assert calibrator.state_dict() == {**expected["calibrator"], "discount": 1.0, "weight": 2.0}
+    assert calibrator.n == 2 and calibrator.posterior_shape == expected["calibrator"]["shape"] + 1.0
+    # saved again with its calibration, the file has the same keys and the same calibration
     ens.save(data / "resaved.pt", calibrator)
     try:
         old, new = Ensemble.read_state("ensemble_v1.pt"), Ensemble.read_state(data / "resaved.pt")
-        assert old.keys() == new.keys() and new["calibrator"] == old["calibrator"]
+        assert old.keys() == new.keys()
+        assert new["calibrator"] == {**old["calibrator"], "discount": 1.0, "weight": 2.0}
         assert new["energy_offset"] == old["energy_offset"]
     finally:
         (data / "resaved.pt").unlink()
