@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # two test processes share the 2 cores (`-n 2` in pyproject.toml): one thread each, in
+    # this process and in the runs it starts; OpenMP threads that outnumber the cores
+    # spin against each other and made a 20 s run take 6 minutes
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 import numpy as np
 import pytest
 import torch
