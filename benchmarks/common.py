@@ -46,14 +46,17 @@ def update_results(name: str, key: str, value) -> Path:
 
 
 def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int,
-                        trajectory: Path | None = None, cache_path: Path | None = None) -> dict:
+                        trajectory: Path | None = None, cache_path: Path | None = None,
+                        threshold_kcal: float | None = None) -> dict:
     """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (or of
     ``trajectory``, one walker's): the fine-tuned ensemble (``model.pt``) vs. the
     foundation ``backbone`` without fine-tuning, both with the energy offset set at the
     run's first reference call. Reference energies are cached in ``random_frames.jsonl``
     next to the run directory (or ``cache_path``), each with its structure: an entry counts
     only while the trajectory still holds that structure at that frame (a restarted run
-    writes a different trajectory)."""
+    writes a different trajectory). With ``threshold_kcal`` ε, also the share of those
+    frames whose fine-tuned energy error exceeds ε (an exceedance that does not depend on
+    where the run chose to call)."""
     from ase.io import read
 
     from flytune.bayes.ensemble import Ensemble
@@ -87,8 +90,11 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     with Ensemble.pretrained(backbone) as pretrained:
         foundation = pretrained.predict(chosen).energy
     rmse = lambda pred: float(np.sqrt(np.mean((pred - (raw + offset)) ** 2)) / KCAL_MOL)
-    return {"random_frames": len(chosen), "rmse_random_finetuned_kcal": rmse(finetuned),
-            "rmse_random_pretrained_kcal": rmse(foundation)}
+    out = {"random_frames": len(chosen), "rmse_random_finetuned_kcal": rmse(finetuned),
+           "rmse_random_pretrained_kcal": rmse(foundation)}
+    if threshold_kcal is not None:
+        out["random_exceed_fraction"] = float(np.mean(np.abs(finetuned - (raw + offset)) / KCAL_MOL > threshold_kcal))
+    return out
 
 
 def add_part_arguments(parser) -> None:

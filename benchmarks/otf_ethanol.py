@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 from ase import Atoms
@@ -182,6 +183,24 @@ def conformer_analysis(run_dir, out_png) -> dict:
     }
 
 
+def ethanol_config(backbone: str, folder: Path, ps: float, updates: dict, uncertainty: dict | None = None) -> RunConfig:
+    """The on-the-fly ethanol run of this benchmark (run directory ``folder/run``): seed 1,
+    the fast posterior, ε = 0.5 kcal/mol, Langevin 300 K at 0.5 fs for ``ps`` picoseconds,
+    ``[updates]`` as given, ``uncertainty`` settings added to ε."""
+    folder.mkdir(parents=True, exist_ok=True)
+    structure = folder / "ethanol.xyz"
+    if not structure.exists():
+        write(structure, molecule("CH3CH2OH"))
+    return RunConfig.model_validate({
+        "structure": str(structure), "run_dir": str(folder / "run"), "seed": 1,
+        "model": {"backbone": backbone, **FAST}, "reference": REFERENCE,
+        "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol", **(uncertainty or {})},
+        "md": {"driver": "langevin", "timestep_fs": TIMESTEP_FS, "temperature_K": 300,
+               "steps": round(ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
+        "safety": {"force_call_after": FORCE_CALL_AFTER}, "updates": updates,
+    })
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("foundation", choices=sorted(FOUNDATIONS) + ["restamp"],
@@ -206,19 +225,8 @@ def main() -> None:
         updates["critical_factor"] = args.critical_factor
         name += f"_critical{args.critical_factor:g}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    run_dir = folder / "run"
-    structure = folder / "ethanol.xyz"
-    if not structure.exists():
-        write(structure, molecule("CH3CH2OH"))
-    config = RunConfig.model_validate({
-        "structure": str(structure), "run_dir": str(run_dir), "seed": 1,
-        "model": {"backbone": backbone, **FAST}, "reference": REFERENCE,
-        "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol"},
-        "md": {"driver": "langevin", "timestep_fs": TIMESTEP_FS, "temperature_K": 300,
-               "steps": round(args.ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
-        "safety": {"force_call_after": FORCE_CALL_AFTER}, "updates": updates,
-    })
+    config = ethanol_config(backbone, folder, args.ps, updates)
+    run_dir = Path(config.run_dir)
     summary = run_for(config, args.hours, args.state)
     if args.state:
         return

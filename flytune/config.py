@@ -122,23 +122,44 @@ class UncertaintyConfig(_Strict):
         "'forces' or 'both', and scores the force errors at calls whatever the criterion",
     )
     force_threshold_unit: Literal["eV/A", "kcal/mol/A"] = "eV/A"
+    trigger: Literal["probability", "spread", "force_deviation"] = Field(
+        "probability", description="probability: the calibrated rule (the method); baselines for comparison, "
+        "with no calibration, label misfit or checks: spread calls when the ensemble's energy σ > "
+        "spread_fraction·ε, force_deviation when the largest per-atom force deviation of the members exceeds "
+        "force_deviation_threshold (DP-GEN, aims-PAX)",
+    )
+    spread_fraction: PositiveFloat = Field(0.5, description="trigger 'spread': call when σ > spread_fraction·ε")
+    force_deviation_threshold: PositiveFloat | None = Field(
+        None, description="trigger 'force_deviation': the largest per-atom force deviation that needs no call, "
+        "in force_threshold_unit",
+    )
 
     @model_validator(mode="after")
     def _force_threshold_given(self) -> UncertaintyConfig:
         if self.criterion != "energy" and self.force_threshold is None:
             raise ValueError(f"criterion = {self.criterion!r} needs force_threshold (ε_F, in force_threshold_unit)")
+        if self.trigger == "force_deviation" and self.force_deviation_threshold is None:
+            raise ValueError("trigger = 'force_deviation' needs force_deviation_threshold (in force_threshold_unit)")
         return self
 
     @property
     def threshold_eV(self) -> float:
         return energy_to_eV(self.threshold, self.threshold_unit)
 
+    def _force_eV_A(self, value: float | None) -> float | None:
+        if value is None:
+            return None
+        return value * (KCAL_MOL if self.force_threshold_unit == "kcal/mol/A" else 1.0)
+
     @property
     def force_threshold_eV_A(self) -> float | None:
         """ε_F in eV/Å, or None."""
-        if self.force_threshold is None:
-            return None
-        return self.force_threshold * (KCAL_MOL if self.force_threshold_unit == "kcal/mol/A" else 1.0)
+        return self._force_eV_A(self.force_threshold)
+
+    @property
+    def force_deviation_threshold_eV_A(self) -> float | None:
+        """The force-deviation trigger's threshold in eV/Å, or None."""
+        return self._force_eV_A(self.force_deviation_threshold)
 
     def calibrator(self) -> Calibrator:
         """A calibration with no error seen yet, with this prior and discount (resolved settings)."""

@@ -132,3 +132,38 @@ def test_calibration_checks_come_at_doubling_distances_until_enough_errors():
     capped = Decision(Calibrator(3.0, 10.0), 0.05, 0.95, SafetyConfig(max_reference_calls=1), checks=3)
     verdict = capped.decide(tiny, labels=1, since_call=5, reference_calls=1)
     assert verdict.reason == "call cap" and not verdict.uncontrolled  # a check is not the rule's call
+
+
+def test_baseline_triggers_ignore_the_calibration_and_the_checks():
+    """trigger 'spread' calls at σ > fraction·ε, 'force_deviation' at max_a d_a above its
+    threshold, whatever the calibration says, with no calibration checks; the safety nets
+    keep their order; the probability is still reported."""
+    spread = Decision(Calibrator(3.0, 10.0), 0.5, 0.95, SafetyConfig(force_call_after=10), checks=5,
+                      trigger="spread", spread_threshold_eV=0.25)
+    quiet = spread.decide(0.24, labels=1, since_call=1, reference_calls=1)  # a check would be due here
+    assert (quiet.call, quiet.reason) == (False, "confident") and quiet.prob_exceed > 0.05
+    loud = spread.decide(0.01, labels=1, since_call=2, reference_calls=1, ensemble_sigma=0.26)
+    assert (loud.call, loud.reason) == (True, "spread") and loud.prob_exceed < 1e-6
+    assert spread.decide(0.01, labels=1, since_call=10, reference_calls=1).reason == "forced"
+
+    deviation = Decision(Calibrator(3.0, 10.0), 0.5, 0.95, trigger="force_deviation",
+                         force_deviation_threshold_eV_A=0.1)
+    assert not deviation.decide(1.0, labels=1, since_call=3, reference_calls=1,
+                                force_deviation=np.array([0.02, 0.1, 0.05])).call
+    called = deviation.decide(1e-3, labels=1, since_call=3, reference_calls=1,
+                              force_deviation=np.array([0.02, 0.11, 0.05]))
+    assert (called.call, called.reason) == (True, "force deviation")
+    with pytest.raises(ValueError, match="needs its threshold"):
+        Decision(Calibrator(), 0.5, 0.95, trigger="force_deviation")
+
+
+def test_baseline_trigger_settings_are_checked():
+    from flytune.config import UncertaintyConfig
+    from flytune.units import KCAL_MOL
+
+    u = UncertaintyConfig(trigger="force_deviation", force_deviation_threshold=2.0, force_threshold_unit="kcal/mol/A")
+    assert u.force_deviation_threshold_eV_A == pytest.approx(2.0 * KCAL_MOL)
+    with pytest.raises(ValueError, match="needs force_deviation_threshold"):
+        UncertaintyConfig(trigger="force_deviation")
+    with pytest.raises(ValueError):
+        UncertaintyConfig(trigger="sigma")

@@ -181,9 +181,14 @@ def test_one_pass_prediction_equals_member_loop(ethanol_frames):
         backbone.supports_vmap = False  # one_pass() is now False: the member loop
         loop = ens.predict(structures)
         np.testing.assert_allclose(one_pass.stress[1], loop.stress[1], rtol=1e-5, atol=1e-7)
-        for field in ("energy", "energy_var", "forces", "forces_var"):
+        for field in ("energy", "energy_var", "forces", "forces_var", "force_deviation"):
             np.testing.assert_allclose(getattr(one_pass, field), getattr(loop, field), rtol=1e-5, atol=1e-6)
         assert one_pass.energy_var[0] > ens.model.energy_sigma**2  # the members differ
+        # each atom's force deviation: sqrt of the mean squared distance of the members' force vectors
+        member_forces = ens.member_predictions(structures)[1]["forces"][0]  # (M, A, 3)
+        spread = np.linalg.norm(member_forces - member_forces.mean(axis=0), axis=-1)
+        np.testing.assert_allclose(loop.force_deviation, np.sqrt(np.mean(spread**2, axis=0)), rtol=1e-10)
+        assert loop.force_deviation.shape == (len(loop.forces),) and np.all(loop.force_deviation > 0)
 
     compare()
     ens.update(ethanol_frames[:2])  # new members: the stacked parameters are rebuilt

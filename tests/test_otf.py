@@ -195,6 +195,32 @@ def test_force_criterion_decides_on_the_largest_atom_force_error(workdir, force_
     assert again.decision.criterion == "forces" and again.decision.force_threshold_eV_A == force_threshold
 
 
+@pytest.mark.parametrize("deviation_threshold", [1e-9, 1.0])
+def test_force_deviation_trigger_calls_where_the_members_disagree(workdir, deviation_threshold):
+    """trigger = "force_deviation" (the DP-GEN / aims-PAX baseline): after the first label,
+    a call exactly where the members' largest per-atom force deviation (2e-5 eV/Å after
+    12-step chains) exceeds the threshold, whatever the calibrated probability says, and no
+    calibration checks; the calibration is still fed."""
+    rows, ivs = [], []
+    u = UncertaintyConfig(threshold=10.0, threshold_unit="eV", calibration_shape=1.5, calibration_rate=20.0,
+                          trigger="force_deviation", force_deviation_threshold=deviation_threshold)
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3), u, seed=0)
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              safety=SafetyConfig(force_call_after=None), on_step=rows.append,
+                              on_intervention=lambda atoms, iv: ivs.append(iv))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(6)
+    reasons = [iv.reason for iv in ivs]
+    assert reasons[0] == "first" and all(r["force_deviation_eV_A"] > 0 for r in rows[1:])
+    if deviation_threshold < 1e-6:
+        assert reasons[1:] == ["force deviation"] * 6  # every later step
+    else:
+        assert reasons == ["first"]  # no calibration check either
+    assert calc.decision.calibrator.n == calc.state.reference_calls - 1
+
+
 def test_a_call_cap_that_blocks_the_rule_is_counted_per_step(workdir):
     """With max_reference_calls = 1 the rule's second call is refused: that step and every
     later one with P(|e| > ε) > 5 % is marked, with its cause."""

@@ -48,10 +48,23 @@ class EnsemblePrediction:
     stress: np.ndarray | None  # (S, 3, 3)
     stress_var: np.ndarray | None  # (S, 3, 3)
     structure_index: np.ndarray  # (A,)
+    #: (A,) eV/Å: each atom's force deviation among the members, :func:`force_deviation`
+    force_deviation: np.ndarray | None = None
 
     @property
     def energy_std(self) -> np.ndarray:
         return np.sqrt(self.energy_var)
+
+
+def force_deviation(member_forces: np.ndarray) -> np.ndarray:
+    r"""Each atom's force deviation among the M members (the "model deviation" of DP-GEN
+    and aims-PAX), from member forces of shape (M, A, 3):
+
+        d_a = sqrt( (1/M) Σ_m |F_a^m − F̄_a|² ),
+
+    the members' disagreement alone: no likelihood noise σ_F and no calibration.
+    """
+    return np.sqrt(np.mean(np.sum((member_forces - member_forces.mean(axis=0)) ** 2, axis=-1), axis=0))
 
 
 def combine(means: np.ndarray, variances: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -161,6 +174,7 @@ class Ensemble:
             stress=np.concatenate([p.stress for p in parts]) if has_stress else None,
             stress_var=np.concatenate([p.stress_var for p in parts]) if has_stress else None,
             structure_index=np.concatenate([p.structure_index + o for p, o in zip(parts, offsets)]),
+            force_deviation=np.concatenate([p.force_deviation for p in parts]),
         )
 
     def member_predictions(self, structures: Sequence[Atoms]):
@@ -209,7 +223,8 @@ class Ensemble:
             stress[nonperiodic] = np.nan
             stress_var[nonperiodic] = np.nan
         return EnsemblePrediction(
-            energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.cpu().numpy()
+            energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.cpu().numpy(),
+            force_deviation(parts["forces"][0]),
         )
 
     # -- data -------------------------------------------------------------------------

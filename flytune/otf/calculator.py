@@ -126,6 +126,7 @@ class ForceCall:
     error: float = 0.0  # E_ref + Δ − Ê, once labelled
     calibrated: float = 0.0  # σ·sqrt(b'/a') before observing the error
     forces_var: np.ndarray | None = None  # eV²/Å², (n, 3): total variance of the predicted forces
+    force_deviation: float = 0.0  # eV/Å: the largest per-atom force deviation among the members
 
 
 @dataclass
@@ -204,6 +205,9 @@ class OnTheFlyCalculator(Calculator):
             u.calibration_checks,
             criterion=u.criterion,
             force_threshold_eV_A=u.force_threshold_eV_A,
+            trigger=u.trigger,
+            spread_threshold_eV=u.spread_fraction * (u.threshold_eV if threshold is None else threshold),
+            force_deviation_threshold_eV_A=u.force_deviation_threshold_eV_A,
         )
         self.schedule = UpdateSchedule(updates, self.decision.threshold_eV)
         self.on_failure = on_failure
@@ -366,7 +370,9 @@ class OnTheFlyCalculator(Calculator):
             verdict = self.decision.decide(sigma, labels=0 if first_round else 1,
                                            reference_calls=st.reference_calls + len(calls),
                                            since_call=mine - last if last is not None else mine,
-                                           force_sigma=np.sqrt(forces_var.mean(axis=1)))
+                                           force_sigma=np.sqrt(forces_var.mean(axis=1)),
+                                           ensemble_sigma=ensemble_sigma,
+                                           force_deviation=pred.force_deviation[mine_atoms])
             results = {"energy": energy, "forces": forces}
             if pred.stress is not None and atoms.pbc.all():
                 results["stress"] = pred.stress[i]
@@ -375,7 +381,7 @@ class OnTheFlyCalculator(Calculator):
                              by_misfit=verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
                              and not self.decision.wants_call(self.decision.deciding_prob(
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
-                             forces_var=forces_var)
+                             forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()))
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -397,7 +403,8 @@ class OnTheFlyCalculator(Calculator):
                               "energy_eV": results["energy"], "energy_std_eV": step.sigma,
                               "prob_exceed": verdict.prob_exceed, "prob_force_exceed": verdict.prob_force_exceed,
                               "reference_called": step.called,
-                              "uncontrolled": uncontrolled, "predict_s": predict_s / len(structures)})
+                              "uncontrolled": uncontrolled, "force_deviation_eV_A": step.force_deviation,
+                              "predict_s": predict_s / len(structures)})
         self._busy = False
         return out
 

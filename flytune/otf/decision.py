@@ -22,6 +22,13 @@ with ``"both"``, either probability above the level calls. In order:
    one (n errors seen);
 6. otherwise the calibrated probability decides.
 
+Two baseline triggers replace rules 5–6, for comparison with the method on the same run
+(``trigger``): ``"spread"`` calls when the ensemble's energy std (the members' spread with
+σ_E, no calibration, no label misfit) exceeds a fixed fraction of ε; ``"force_deviation"``
+calls when the largest per-atom force deviation among the members
+(:func:`flytune.bayes.ensemble.force_deviation`) exceeds a fixed threshold, the rule of
+DP-GEN and aims-PAX. The probability is still computed and logged at every step.
+
 After a call, the error e = E_ref + Δ − Ê and the σ predicted *before* the update
 update the calibration (:meth:`Decision.observe`).
 
@@ -117,7 +124,8 @@ class Verdict:
 
     call: bool
     prob_exceed: float  # P(|e| > ε) under the calibration (1 for the first structure)
-    #: "first", "probability", "forced", "check", "confident", "call cap" or "waiting"
+    #: "first", "probability", "forced", "check", "confident", "call cap", "waiting", or a
+    #: baseline trigger's "spread" or "force deviation"
     reason: str
     #: the rule asked for a call (P(|e| > ε) above the level) and a limit kept it from
     #: being made: a step outside the promise
@@ -134,12 +142,16 @@ class Decision:
     ``criterion`` (``"energy"``, ``"forces"``, ``"both"``) says which probability decides;
     ``force_threshold_eV_A`` ε_F and ``force_calibrator`` (its own Gamma state, default
     the energy calibration's prior) serve the force probability, which is computed, and
-    the force calibration fed, whenever ε_F is given.
+    the force calibration fed, whenever ε_F is given. ``trigger`` selects the method's
+    probability (default) or a baseline (see the module docstring), with its threshold
+    ``spread_threshold_eV`` (σ, eV) or ``force_deviation_threshold_eV_A`` (eV/Å).
     """
 
     def __init__(self, calibrator: Calibrator, threshold_eV: float, confidence: float,
                  safety: SafetyConfig | None = None, checks: int = 0, *, criterion: str = "energy",
-                 force_threshold_eV_A: float | None = None, force_calibrator: Calibrator | None = None):
+                 force_threshold_eV_A: float | None = None, force_calibrator: Calibrator | None = None,
+                 trigger: str = "probability", spread_threshold_eV: float | None = None,
+                 force_deviation_threshold_eV_A: float | None = None):
         if not threshold_eV > 0:
             raise ValueError(f"the threshold must be > 0 eV, got {threshold_eV}")
         if not 0 < confidence < 1:
@@ -158,6 +170,13 @@ class Decision:
         if force_calibrator is None and self.force_threshold_eV_A is not None:
             force_calibrator = Calibrator(calibrator.shape, calibrator.rate, discount=calibrator.discount)
         self.force_calibrator = force_calibrator
+        thresholds = {"probability": 1.0, "spread": spread_threshold_eV, "force_deviation": force_deviation_threshold_eV_A}
+        if trigger not in thresholds:
+            raise ValueError(f"trigger must be 'probability', 'spread' or 'force_deviation', not {trigger!r}")
+        if not (thresholds[trigger] or 0) > 0:
+            raise ValueError(f"trigger {trigger!r} needs its threshold > 0")
+        self.trigger = trigger
+        self.trigger_threshold = float(thresholds[trigger])
 
     def prob_exceed(self, sigma: float) -> float:
         """P(|e| > ε) for a prediction with std ``sigma`` (eV)."""
@@ -181,11 +200,13 @@ class Decision:
         return prob_exceed > 1.0 - self.confidence
 
     def decide(self, sigma: float, *, labels: int, since_call: int, reference_calls: int,
-               force_sigma=None) -> Verdict:
+               force_sigma=None, ensemble_sigma: float | None = None, force_deviation=None) -> Verdict:
         """The verdict at a structure with std ``sigma`` (eV) and per-atom force stds
         ``force_sigma`` (eV/Å; needed by the force criterion), given the number of labels
         so far, the force calls since the last reference call (counting this one) and the
-        reference calls made (see the module docstring for the order of the rules)."""
+        reference calls made (see the module docstring for the order of the rules). The
+        baseline triggers need the ensemble's own std ``ensemble_sigma`` (eV; default
+        ``sigma``) or the per-atom ``force_deviation`` (eV/Å)."""
         if labels == 0:
             return Verdict(True, 1.0, "first", prob_force_exceed=None if self.force_threshold_eV_A is None else 1.0)
         prob = self.prob_exceed(sigma)
@@ -193,7 +214,15 @@ class Decision:
         if self.criterion != "energy" and prob_force is None:
             raise ValueError(f"criterion {self.criterion!r} needs the per-atom force stds")
         s = self.safety
-        wanted = self.wants_call(self.deciding_prob(prob, prob_force))
+        if self.trigger == "probability":
+            wanted, reason = self.wants_call(self.deciding_prob(prob, prob_force)), "probability"
+        elif self.trigger == "spread":
+            spread = sigma if ensemble_sigma is None else ensemble_sigma
+            wanted, reason = spread > self.trigger_threshold, "spread"
+        else:
+            if force_deviation is None:
+                raise ValueError("trigger 'force_deviation' needs the members' per-atom force deviations")
+            wanted, reason = float(np.max(force_deviation)) > self.trigger_threshold, "force deviation"
 
         def verdict(call: bool, reason: str, uncontrolled: bool = False) -> Verdict:
             return Verdict(call, prob, reason, uncontrolled, prob_force)
@@ -204,10 +233,10 @@ class Decision:
             return verdict(False, "waiting", uncontrolled=wanted)
         if s.force_call_after is not None and since_call >= s.force_call_after:
             return verdict(True, "forced")
-        if not wanted and self.check_due(since_call):
+        if not wanted and self.trigger == "probability" and self.check_due(since_call):
             return verdict(True, "check")
         if wanted:
-            return verdict(True, "probability")
+            return verdict(True, reason)
         return verdict(False, "confident")
 
     def check_due(self, since_call: int) -> bool:

@@ -144,6 +144,7 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, simulat
         "confidence": calc.decision.confidence,
         "calibration": {"shape": cal.posterior_shape, "rate": cal.posterior_rate, "n": cal.n},
         "criterion": calc.decision.criterion,
+        "trigger": calc.decision.trigger,
         "force_threshold_eV_A": calc.decision.force_threshold_eV_A,
         "force_exceed_fraction": force_exceed_fraction(interventions, calc.decision.force_threshold_eV_A),
         "force_calibration": None if (fc := calc.decision.force_calibrator) is None else

@@ -44,7 +44,8 @@ from flytune.files import replacing, write_text_atomic
 from flytune.otf import faults
 
 STEP_COLUMNS = ["step", "force_call", "time_fs", "energy_eV", "energy_std_eV", "prob_exceed",
-                "prob_force_exceed", "reference_called", "temperature_K", "uncontrolled", "predict_s"]
+                "prob_force_exceed", "reference_called", "temperature_K", "uncontrolled", "force_deviation_eV_A",
+                "predict_s"]
 
 
 def _fsync_append(path: Path, text: str) -> None:
