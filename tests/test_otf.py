@@ -331,6 +331,38 @@ def test_a_deferred_label_sets_the_misfit_from_the_prediction_it_corrected(workd
                            for m, u in zip(learned, updates[1:]))
 
 
+def test_a_critical_miss_after_an_update_that_missed_waits_for_the_cost_rule(workdir):
+    """Deferred, critical_factor 1: a call whose |e| > ε updates at once only while the last
+    update brought its own newest label within ε; after one that did not, such calls wait
+    ("deferred: critical, but ...") and the cost rule or the queue decides."""
+    from flytune.config import UpdatesConfig
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV"), seed=0,
+    )
+    events = []
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              updates=UpdatesConfig(policy="deferred", max_pending=5),
+                              on_intervention=lambda label, iv: events.append(("call", iv)),
+                              on_update=lambda record: events.append(("update", record)))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(12)
+    missed = before = False  # as the last update left it, and before that update
+    waited = at_once = 0
+    for kind, event in events:
+        if kind == "update":  # reported before the call that started it
+            before, missed = missed, abs(event["label_misfit_eV"]) > 0.05
+        elif abs(event.error) > 0.05 and not event.first:
+            if before if event.labels_learned else missed:
+                waited += event.update.startswith("deferred: critical, but the last update missed")
+                assert event.update != "critical"
+            else:
+                at_once += event.update == "critical"
+    assert waited > 0 and at_once > 0  # both branches were taken in this run
+
+
 def test_stress_is_declared_only_for_periodic_structures(workdir):
     """A molecule: `get_stress()` is refused up front with a message that says why, before
     any prediction or reference call; a periodic cell has stress."""

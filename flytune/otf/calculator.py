@@ -127,6 +127,7 @@ class ForceCall:
     calibrated: float = 0.0  # σ·sqrt(b'/a') before observing the error
     forces_var: np.ndarray | None = None  # eV²/Å², (n, 3): total variance of the predicted forces
     force_deviation: float = 0.0  # eV/Å: the largest per-atom force deviation among the members
+    waits_because: str = ""  # why its label waits although its error was critical
 
 
 @dataclass
@@ -523,7 +524,7 @@ class OnTheFlyCalculator(Calculator):
                                                            pred.forces[pred.structure_index == i],
                                                            self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
-        self.schedule.updated(update_s)
+        self.schedule.updated(update_s, max((abs(self.misfits[w].energy_residual_eV) for w in walkers), default=None))
         self.state.time_update_s += waited_s
         self.state.updates += 1
         if self.on_update is not None:
@@ -588,6 +589,7 @@ class OnTheFlyCalculator(Calculator):
             self.state.time_reference_s += reference_s
             reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first)
             reasons.append(reason)
+            step.waits_because = self.schedule.waits_because
             self.newest[step.walker] = label
         due = next((r for r in reasons if r is not None), None)
         update_s, learned = self.learn_pending(due) if due is not None else (0.0, 0)
@@ -609,7 +611,8 @@ class OnTheFlyCalculator(Calculator):
                 error=step.error, calibrated_std=step.calibrated,
                 shape=self.decision.calibrator.posterior_shape, rate=self.decision.calibrator.posterior_rate,
                 reference_s=reference_s, update_s=update_s if last else 0.0, first=step.verdict.reason == "first",
-                reason=step.verdict.reason, update=due or "deferred", labels_learned=learned if last else 0,
+                reason=step.verdict.reason, labels_learned=learned if last else 0,
+                update=due or ("deferred: " + step.waits_because if step.waits_because else "deferred"),
                 label_misfit=step.misfit, by_misfit=step.by_misfit, update_running=update_running,
                 walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
                 prob_force_exceed=step.verdict.prob_force_exceed,
