@@ -267,7 +267,7 @@ class UpdatesConfig(_Strict):
     max_pending: PositiveInt = Field(16, description="deferred: update once this many labels wait")
     critical_factor: PositiveFloat = Field(
         1.0, description="deferred: update at once when |error| > this × ε (an error outside the promise), "
-        "unless the last update left its own newest label that far off")
+        "unless the last update did not learn its own newest label")
     background: bool = Field(
         False, description="run updates in worker processes while the MD continues on the current ensemble "
         "(still calling the reference where it is uncertain); the new samples are swapped in when ready",

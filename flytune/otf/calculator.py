@@ -524,7 +524,11 @@ class OnTheFlyCalculator(Calculator):
                                                            pred.forces[pred.structure_index == i],
                                                            self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
-        self.schedule.updated(update_s, max((abs(self.misfits[w].energy_residual_eV) for w in walkers), default=None))
+        # learned: the misfit left at each newest label, as σ there, keeps P(|e| > ε) within the level
+        sigma_e = self.ensemble.model.energy_sigma
+        left = max((abs(self.misfits[w].energy_residual_eV) for w in walkers), default=0.0)
+        learned = not self.decision.wants_call(self.decision.prob_exceed(float(trusted_sigma(sigma_e, sigma_e, left))))
+        self.schedule.updated(update_s, learned=learned)
         self.state.time_update_s += waited_s
         self.state.updates += 1
         if self.on_update is not None:
@@ -539,7 +543,8 @@ class OnTheFlyCalculator(Calculator):
                             "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
                             "worker_s": worker_s, "overhead_s": update_s - worker_s,
                             "label_misfit_eV": abs(misfit.energy_residual_eV),
-                            "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))), **extra})
+                            "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))),
+                            "learned": learned, **extra})
 
     def _label_all(self, calls: list[ForceCall], first_round: bool) -> None:
         """Label the structures of ``calls`` (steps of :meth:`evaluate` whose verdict asked
