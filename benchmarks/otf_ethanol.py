@@ -211,6 +211,9 @@ def main() -> None:
     parser.add_argument("--critical-factor", type=float,
                         help="[updates] critical_factor (deferred: update at once when |error| > this × ε); "
                              "the entry is named <foundation>_deferred_critical<X>")
+    parser.add_argument("--max-cycles", type=int,
+                        help="[updates] max_cycles (more cycles while the newest label is not learned); "
+                             "the entry's name gets _cycles<N>")
     add_part_arguments(parser)
     args = parser.parse_args()
     if args.foundation == "restamp":
@@ -224,6 +227,9 @@ def main() -> None:
     if args.critical_factor is not None:
         updates["critical_factor"] = args.critical_factor
         name += f"_critical{args.critical_factor:g}"
+    if args.max_cycles is not None:
+        updates["max_cycles"] = args.max_cycles
+        name += f"_cycles{args.max_cycles}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
     config = ethanol_config(backbone, folder, args.ps, updates)
     run_dir = Path(config.run_dir)

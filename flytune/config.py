@@ -268,6 +268,10 @@ class UpdatesConfig(_Strict):
     critical_factor: PositiveFloat = Field(
         1.0, description="deferred: update at once when |error| > this × ε (an error outside the promise), "
         "unless the last update did not learn its own newest label")
+    max_cycles: PositiveInt = Field(
+        1, description="a blocking update runs one more cycle on the same labels while it has not learned its "
+        "newest one (the misfit left there, as sigma, keeps P(|e|>eps) above the call level), up to this many",
+    )
     background: bool = Field(
         False, description="run updates in worker processes while the MD continues on the current ensemble "
         "(still calling the reference where it is uncertain); the new samples are swapped in when ready",

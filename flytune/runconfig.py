@@ -70,6 +70,7 @@ max_force_eV_A = 50
 policy = "every"               # every | deferred (wait until the calls since the last update cost as much as one)
 max_pending = 16               # deferred: update once this many labels wait
 critical_factor = 1.0          # deferred: update at once when |error| > this × ε
+max_cycles = 1                 # more cycles on the same labels while the newest is not learned, up to this many
 background = false             # true: update in the worker processes while the MD goes on
 
 [execution]                    # where the reference calls run

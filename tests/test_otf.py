@@ -367,6 +367,28 @@ def test_a_critical_miss_after_an_update_that_missed_waits_for_the_cost_rule(wor
     assert not all(u["learned"] for u in updates)
 
 
+def test_an_update_that_misses_its_newest_label_runs_more_cycles_up_to_max_cycles(workdir):
+    """[updates] max_cycles: a blocking update that has not learned its newest label runs
+    one more cycle on the same labels (the data set does not grow), up to max_cycles; one
+    that learned it stops; each record gives its cycles and all their chain steps."""
+    from flytune.config import UpdatesConfig
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV"), seed=0,
+    )
+    updates = []
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              updates=UpdatesConfig(policy="every", max_cycles=3), on_update=updates.append)
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(10)
+    assert updates and [u["labels"] for u in updates] == list(range(1, len(updates) + 1))
+    assert all(1 <= u["cycles"] <= 3 and u["chain_steps"] == u["cycles"] * 2 * 12 for u in updates)
+    assert all(u["learned"] or u["cycles"] == 3 for u in updates)  # stops only when learned or at the cap
+    assert any(u["cycles"] > 1 for u in updates)
+
+
 def test_stress_is_declared_only_for_periodic_structures(workdir):
     """A molecule: `get_stress()` is refused up front with a message that says why, before
     any prediction or reference call; a periodic cell has stress."""

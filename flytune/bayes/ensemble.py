@@ -266,6 +266,11 @@ class Ensemble:
         self.data.extend(new_structures)
         self.run(self._update_jobs(len(new_structures)), progress, stop)
 
+    def continue_update(self, favoured: int, progress: Progress | None = None, stop: StopFlag | None = None) -> None:
+        """One more update cycle on every chain over the same data, its minibatches still
+        favouring the last ``favoured`` structures (those the update is learning)."""
+        self.run(self._update_jobs(favoured), progress, stop)
+
     def _update_jobs(self, new_labels: int) -> list[ChainJob]:
         schedule = self.update_schedule()
         c = self.config

@@ -478,11 +478,26 @@ class OnTheFlyCalculator(Calculator):
             return 0.0, 0
         start = time.perf_counter()
         self.ensemble.update(labels, progress=self._update_progress, stop=self.stop)
-        update_s = time.perf_counter() - start
-        if any(chain.interrupted for chain in self.ensemble.chains):
+        cycles, chain_steps = 1, self._chain_steps()
+        if self._interrupted():
             raise UpdateInterrupted
-        self._updated(reason, labels, update_s, update_s)
+        learned = self._measure_newest(labels)
+        while not learned and cycles < self.schedule.config.max_cycles:  # one more cycle on the same labels
+            self.ensemble.continue_update(len(labels), progress=self._update_progress, stop=self.stop)
+            if self._interrupted():
+                raise UpdateInterrupted
+            cycles, chain_steps = cycles + 1, chain_steps + self._chain_steps()
+            learned = self._measure_newest(labels)
+        update_s = time.perf_counter() - start
+        self._updated(reason, labels, update_s, update_s, learned=learned, cycles=cycles, chain_steps=chain_steps)
         return update_s, len(labels)
+
+    def _interrupted(self) -> bool:
+        return any(chain.interrupted for chain in self.ensemble.chains)
+
+    def _chain_steps(self) -> int:
+        """SGHMC steps of the last cycle, over all chains."""
+        return sum(chain.state.step for chain in self.ensemble.chains)
 
     def poll_update(self, block: bool = False) -> None:
         """Swap in the chains of a background update that has finished (``block``: wait
@@ -493,7 +508,7 @@ class OnTheFlyCalculator(Calculator):
         wall = self.ensemble.finish_update(block, self._update_progress, self.stop)
         if wall is None:
             return
-        if any(chain.interrupted for chain in self.ensemble.chains):
+        if self._interrupted():
             raise UpdateInterrupted
         (labels, reason, started, submit_s), self._learning = self._learning, None
         self._updated("background: " + reason, labels, submit_s + wall, submit_s + time.perf_counter() - start,
@@ -502,11 +517,38 @@ class OnTheFlyCalculator(Calculator):
         if due is not None and not block:
             self.learn_pending(due)
 
-    def _updated(self, reason: str, labels: list[Atoms], update_s: float, waited_s: float, **extra) -> None:
+    def _updated(self, reason: str, labels: list[Atoms], update_s: float, waited_s: float,
+                 learned: bool | None = None, cycles: int = 1, chain_steps: int | None = None, **extra) -> None:
         """Book an update of ``update_s`` seconds (wall, start to finish) that learned
-        ``labels`` and during which the MD waited ``waited_s``; measure the updated
-        ensemble's misfit at the run's newest label (one that arrived during a background
-        update included); ``extra`` goes into its record."""
+        ``labels`` in ``cycles`` cycles of ``chain_steps`` SGHMC steps in all (None: the
+        last cycle's) and during which the MD waited ``waited_s``; ``learned``: the verdict
+        of :meth:`_measure_newest` on the final members (None: measure it now); ``extra``
+        goes into its record."""
+        if learned is None:
+            learned = self._measure_newest(labels)
+        self.schedule.updated(update_s, learned=learned)
+        self.state.time_update_s += waited_s
+        self.state.updates += 1
+        if self.on_update is not None:
+            misfit = self.misfits[max(self.newest, key=lambda w: self.newest[w].info.get("force_call", 0))]
+            residual = misfit.force_residual_eV_A
+            chains = self.ensemble.chains
+            chain_steps = self._chain_steps() if chain_steps is None else chain_steps
+            workers = max(1, self.ensemble.config.workers)  # the longest worker's compute (last cycle):
+            worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
+            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
+                            "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
+                            "cycles": cycles, "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
+                            "worker_s": worker_s, "overhead_s": update_s - worker_s * cycles,
+                            "label_misfit_eV": abs(misfit.energy_residual_eV),
+                            "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))),
+                            "learned": learned, **extra})
+
+    def _measure_newest(self, labels: list[Atoms]) -> bool:
+        """Measure the updated ensemble's misfit at each walker's newest label (one that
+        arrived during a background update included; ``labels``: those the update learned,
+        for a checkpoint from before per-walker labels): whether the update learned them,
+        i.e. the misfit left there, as σ, keeps P(|e| > ε) within the call level."""
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
@@ -524,27 +566,9 @@ class OnTheFlyCalculator(Calculator):
                                                            pred.forces[pred.structure_index == i],
                                                            self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
-        # learned: the misfit left at each newest label, as σ there, keeps P(|e| > ε) within the level
         sigma_e = self.ensemble.model.energy_sigma
         left = max((abs(self.misfits[w].energy_residual_eV) for w in walkers), default=0.0)
-        learned = not self.decision.wants_call(self.decision.prob_exceed(float(trusted_sigma(sigma_e, sigma_e, left))))
-        self.schedule.updated(update_s, learned=learned)
-        self.state.time_update_s += waited_s
-        self.state.updates += 1
-        if self.on_update is not None:
-            misfit = self.misfits[max(self.newest, key=lambda w: self.newest[w].info.get("force_call", 0))]
-            residual = misfit.force_residual_eV_A
-            chains = self.ensemble.chains
-            chain_steps = sum(chain.state.step for chain in chains)
-            workers = max(1, self.ensemble.config.workers)  # the longest worker's compute:
-            worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
-            self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
-                            "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
-                            "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
-                            "worker_s": worker_s, "overhead_s": update_s - worker_s,
-                            "label_misfit_eV": abs(misfit.energy_residual_eV),
-                            "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))),
-                            "learned": learned, **extra})
+        return not self.decision.wants_call(self.decision.prob_exceed(float(trusted_sigma(sigma_e, sigma_e, left))))
 
     def _label_all(self, calls: list[ForceCall], first_round: bool) -> None:
         """Label the structures of ``calls`` (steps of :meth:`evaluate` whose verdict asked
