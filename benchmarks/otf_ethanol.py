@@ -254,7 +254,8 @@ def store(name: str | None = None, result: dict | None = None) -> None:
     restamp the file). A run measured with the labels from before the fix of 2026-12-03
     (no ``labels`` key) is marked ``stale`` (and kept beside a rerun of the same name as
     ``<name>_fixcom_labels``); the top-level figures are those of the first run measured
-    after the fix, of ``pbe``, ``pbe_deferred_critical1``, ``pbe_deferred``, ``sevennet0``."""
+    after the fix, of ``pbe``, ``pbe_deferred_critical1`` (its 2026-12-04 run, from before the premise check
+    of critical updates, as ``pbe_deferred_critical1_2026-12-04``), ``pbe_deferred``, ``sevennet0``."""
     path = RESULTS / "otf_ethanol.json"
     stored = json.loads(path.read_text()) if path.exists() else {}
     runs = stored.get("runs", {})
@@ -265,7 +266,7 @@ def store(name: str | None = None, result: dict | None = None) -> None:
     for key, run in runs.items():
         if "labels" not in run and "stale" not in run:
             run["stale"] = STALE
-    order = ("pbe", "pbe_deferred_critical1", "pbe_deferred", "sevennet0")
+    order = ("pbe", "pbe_deferred_critical1", "pbe_deferred_critical1_2026-12-04", "pbe_deferred", "sevennet0")
     main_name = next((k for k in order if k in runs and "stale" not in runs[k]), None) or next(
         (k for k in order if k in runs), None)
     main_run = runs[main_name]

@@ -534,7 +534,8 @@ class OnTheFlyCalculator(Calculator):
             residual = misfit.force_residual_eV_A
             chains = self.ensemble.chains
             chain_steps = self._chain_steps() if chain_steps is None else chain_steps
-            workers = max(1, self.ensemble.config.workers)  # the longest worker's compute (last cycle):
+            # the longest worker's compute in the last cycle (overhead_s: × cycles, approximate)
+            workers = max(1, self.ensemble.config.workers)
             worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
             self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
                             "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
