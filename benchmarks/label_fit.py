@@ -32,6 +32,7 @@ from deferred_learning import errors
 
 from flytune.bayes.ensemble import Ensemble
 from flytune.bayes.prior import transfer_prior
+from flytune.config import UncertaintyConfig
 from flytune.units import KCAL_MOL
 
 DEFAULT_RUN = ROOT / "benchmarks/runs/otf_ethanol_sevennet0_deferred_critical1/run"
@@ -39,7 +40,8 @@ DEFAULT_RUN = ROOT / "benchmarks/runs/otf_ethanol_sevennet0_deferred_critical1/r
 
 def replay(state: dict, labels: list, arm: str, threshold_kcal: float) -> dict:
     """One update from the checkpoint's ensemble with the arm's settings, and its errors."""
-    changes = {} if arm == "base" else {k: json.loads(v) for k, v in (arm.split("=", 1),)}
+    key, _, value = arm.partition("=")
+    changes = {} if arm == "base" else {key: json.loads(value)}
     ens = Ensemble.from_state_dict(state)
     ens.config = ens.config.model_copy(update=changes)
     if "sigma_prior" in changes:
@@ -53,7 +55,7 @@ def replay(state: dict, labels: list, arm: str, threshold_kcal: float) -> dict:
         update_s = time.perf_counter() - t0
         after = {"newest": errors(ens, waiting[-1:], threshold_kcal), "waiting": errors(ens, waiting, threshold_kcal),
                  "all": errors(ens, labels, threshold_kcal)}
-    chain_steps = ens.config.chains * ens.config.cycle_steps
+    chain_steps = sum(chain.state.step for chain in ens.chains)
     return {"changes": changes, "labels_learned_before": learned, "labels_waiting": len(waiting),
             "update_s": update_s, "chain_steps": chain_steps, "s_per_chain_step": update_s / chain_steps,
             "before": before, "after": after}
@@ -69,18 +71,16 @@ def main() -> None:
 
     state = torch.load(args.run / "checkpoint" / "checkpoint.pt", weights_only=True, map_location="cpu")["ensemble"]
     labels = read(args.run / "labels.extxyz", ":")
-    uncertainty = state["uncertainty"]
-    threshold = uncertainty["threshold"] if uncertainty["threshold_unit"] == "kcal/mol" else uncertainty["threshold"] / KCAL_MOL
-    done = json.loads((RESULTS / "label_fit.json").read_text()).get("arms", {}) if (RESULTS / "label_fit.json").exists() else {}
+    threshold = UncertaintyConfig.model_validate(state["uncertainty"]).threshold_eV / KCAL_MOL
+    path = RESULTS / "label_fit.json"
+    done = json.loads(path.read_text()).get("arms", {}) if path.exists() else {}
     for arm in args.arm:
         if arm in done:
             print(arm, "measured already")
             continue
-        result = replay(state, labels, arm, threshold)
-        newest = result["after"]["newest"]["max_abs_energy_error_kcal"]
-        print(arm, json.dumps(result), flush=True)
-        update_results("label_fit", "arms", {**done, arm: {**result, "newest_within_eps": bool(newest <= threshold)}})
-        done[arm] = result
+        done[arm] = replay(state, labels, arm, threshold)
+        print(arm, json.dumps(done[arm]), flush=True)
+        update_results("label_fit", "arms", done)
     print("run:", args.run, "threshold", threshold, "kcal/mol;", np.round([done[a]["after"]["newest"]["max_abs_energy_error_kcal"]
                                                                            for a in done], 3))
 

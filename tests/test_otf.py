@@ -385,6 +385,7 @@ def test_an_update_that_misses_its_newest_label_runs_more_cycles_up_to_max_cycle
     VelocityVerlet(atoms, 2 * units.fs).run(10)
     assert updates and [u["labels"] for u in updates] == list(range(1, len(updates) + 1))
     assert all(1 <= u["cycles"] <= 3 and u["chain_steps"] == u["cycles"] * 2 * 12 for u in updates)
+    assert all(0 < u["worker_s"] <= u["update_s"] for u in updates)  # every cycle's compute, within the wall time
     assert all(u["learned"] or u["cycles"] == 3 for u in updates)  # stops only when learned or at the cap
     assert any(u["cycles"] > 1 for u in updates)
 

@@ -478,26 +478,31 @@ class OnTheFlyCalculator(Calculator):
             return 0.0, 0
         start = time.perf_counter()
         self.ensemble.update(labels, progress=self._update_progress, stop=self.stop)
-        cycles, chain_steps = 1, self._chain_steps()
         if self._interrupted():
             raise UpdateInterrupted
+        cycles, (chain_steps, worker_s) = 1, self._cycle_cost()
         learned = self._measure_newest(labels)
         while not learned and cycles < self.schedule.config.max_cycles:  # one more cycle on the same labels
             self.ensemble.continue_update(len(labels), progress=self._update_progress, stop=self.stop)
             if self._interrupted():
                 raise UpdateInterrupted
-            cycles, chain_steps = cycles + 1, chain_steps + self._chain_steps()
+            steps, seconds = self._cycle_cost()
+            cycles, chain_steps, worker_s = cycles + 1, chain_steps + steps, worker_s + seconds
             learned = self._measure_newest(labels)
         update_s = time.perf_counter() - start
-        self._updated(reason, labels, update_s, update_s, learned=learned, cycles=cycles, chain_steps=chain_steps)
+        self._updated(reason, labels, update_s, update_s, learned=learned, cycles=cycles,
+                      cost=(chain_steps, worker_s))
         return update_s, len(labels)
 
     def _interrupted(self) -> bool:
         return any(chain.interrupted for chain in self.ensemble.chains)
 
-    def _chain_steps(self) -> int:
-        """SGHMC steps of the last cycle, over all chains."""
-        return sum(chain.state.step for chain in self.ensemble.chains)
+    def _cycle_cost(self) -> tuple[int, float]:
+        """The last cycle's SGHMC steps over all chains, and its longest worker's compute (s)."""
+        chains = self.ensemble.chains
+        workers = max(1, self.ensemble.config.workers)
+        worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
+        return sum(chain.state.step for chain in chains), worker_s
 
     def poll_update(self, block: bool = False) -> None:
         """Swap in the chains of a background update that has finished (``block``: wait
@@ -518,12 +523,13 @@ class OnTheFlyCalculator(Calculator):
             self.learn_pending(due)
 
     def _updated(self, reason: str, labels: list[Atoms], update_s: float, waited_s: float,
-                 learned: bool | None = None, cycles: int = 1, chain_steps: int | None = None, **extra) -> None:
+                 learned: bool | None = None, cycles: int = 1, cost: tuple[int, float] | None = None,
+                 **extra) -> None:
         """Book an update of ``update_s`` seconds (wall, start to finish) that learned
-        ``labels`` in ``cycles`` cycles of ``chain_steps`` SGHMC steps in all (None: the
-        last cycle's) and during which the MD waited ``waited_s``; ``learned``: the verdict
-        of :meth:`_measure_newest` on the final members (None: measure it now); ``extra``
-        goes into its record."""
+        ``labels`` in ``cycles`` cycles and during which the MD waited ``waited_s``;
+        ``learned``: the verdict of :meth:`_measure_newest` on the final members (None:
+        measure it now); ``cost``: the cycles' SGHMC steps and worker compute in all (None:
+        the last cycle's, :meth:`_cycle_cost`); ``extra`` goes into its record."""
         if learned is None:
             learned = self._measure_newest(labels)
         self.schedule.updated(update_s, learned=learned)
@@ -532,15 +538,11 @@ class OnTheFlyCalculator(Calculator):
         if self.on_update is not None:
             misfit = self.misfits[max(self.newest, key=lambda w: self.newest[w].info.get("force_call", 0))]
             residual = misfit.force_residual_eV_A
-            chains = self.ensemble.chains
-            chain_steps = self._chain_steps() if chain_steps is None else chain_steps
-            # the longest worker's compute in the last cycle (overhead_s: × cycles, approximate)
-            workers = max(1, self.ensemble.config.workers)
-            worker_s = max(sum(c.run_s for c in chains if worker_of(c.index, workers) == w) for w in range(workers))
+            chain_steps, worker_s = self._cycle_cost() if cost is None else cost
             self.on_update({"force_call": self.state.force_calls, "reason": reason, "labels_learned": len(labels),
                             "labels": len(self.ensemble.data), "update_s": update_s, "waited_s": waited_s,
                             "cycles": cycles, "chain_steps": chain_steps, "s_per_chain_step": update_s / max(chain_steps, 1),
-                            "worker_s": worker_s, "overhead_s": update_s - worker_s * cycles,
+                            "worker_s": worker_s, "overhead_s": update_s - worker_s,
                             "label_misfit_eV": abs(misfit.energy_residual_eV),
                             "label_force_misfit_eV_A": float(np.sqrt(np.mean(residual**2))),
                             "learned": learned, **extra})
