@@ -56,11 +56,20 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     only while the trajectory still holds that structure at that frame (a restarted run
     writes a different trajectory). With ``threshold_kcal`` ε, also the share of those
     frames whose fine-tuned energy error exceeds ε (an exceedance that does not depend on
-    where the run chose to call)."""
+    where the run chose to call).
+
+    ``rmse_random_in_run_kcal`` and ``random_in_run_exceed_fraction`` (share above the
+    run's ε) score, at the same frames, the energy the run's MD was given there
+    (``steps.csv``; at a call the ensemble's prediction before it, from
+    ``interventions.jsonl``): the promise the run kept step by step, not the final model
+    (run directories of one walker, the trajectory written every ``trajectory_every``
+    steps from step 0)."""
     from ase.io import read
 
     from flytune.bayes.ensemble import Ensemble
     from flytune.otf.reference import make_reference
+    from flytune.otf.rundir import RunDirectory
+    from flytune.config import RunConfig
     from flytune.units import KCAL_MOL
 
     frames = read(trajectory or run_dir / "trajectory.traj", ":")
@@ -94,6 +103,16 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
            "rmse_random_pretrained_kcal": rmse(foundation)}
     if threshold_kcal is not None:
         out["random_exceed_fraction"] = float(np.mean(np.abs(finetuned - (raw + offset)) / KCAL_MOL > threshold_kcal))
+    if trajectory is None:
+        run = RunDirectory(run_dir)
+        config = RunConfig.model_validate(json.loads(run.config.read_text())["config"])
+        every, eps_kcal = config.md.trajectory_every, config.uncertainty.threshold_eV / KCAL_MOL
+        steps, predicted = run.read_steps(), {r["step"]: r["energy_pred"] for r in run.read_interventions()}
+        used = np.array([predicted[i * every] if steps["reference_called"][i * every] else steps["energy_eV"][i * every]
+                         for i in picks])
+        in_run = (raw + offset - used) / KCAL_MOL
+        out.update(rmse_random_in_run_kcal=float(np.sqrt(np.mean(in_run**2))),
+                   random_in_run_exceed_fraction=float(np.mean(np.abs(in_run) > eps_kcal)))
     return out
 
 

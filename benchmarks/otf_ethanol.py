@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--max-cycles", type=int,
                         help="[updates] max_cycles (more cycles while the newest label is not learned); "
                              "the entry's name gets _cycles<N>")
+    parser.add_argument("--misfit-as", choices=("spread", "bias"),
+                        help="[uncertainty] label_misfit_as; the entry's name gets _misfit_<as>")
     add_part_arguments(parser)
     args = parser.parse_args()
     if args.foundation == "restamp":
@@ -230,8 +232,12 @@ def main() -> None:
     if args.max_cycles is not None:
         updates["max_cycles"] = args.max_cycles
         name += f"_cycles{args.max_cycles}"
+    uncertainty = {}
+    if args.misfit_as is not None:
+        uncertainty["label_misfit_as"] = args.misfit_as
+        name += f"_misfit_{args.misfit_as}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
-    config = ethanol_config(backbone, folder, args.ps, updates)
+    config = ethanol_config(backbone, folder, args.ps, updates, uncertainty)
     run_dir = Path(config.run_dir)
     summary = run_for(config, args.hours, args.state)
     if args.state:
@@ -242,6 +248,7 @@ def main() -> None:
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
         labels="the reference's own forces (before 2026-12-03: the MD's FixCom projection of them)",
         posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates_settings=updates,
+        uncertainty_settings=uncertainty,
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )

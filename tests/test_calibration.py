@@ -49,6 +49,31 @@ def test_prob_within_matches_monte_carlo():
     assert prob_within(eps, sigma, shape, rate, form="hyp2f1") == pytest.approx(mc, abs=2e-3)
 
 
+def test_prob_within_with_an_expected_error_matches_monte_carlo():
+    """e | λ ~ N(μ, σ²/λ): the Student-t with location μ, both tails, against sampling;
+    μ = 0 is the symmetric rule, and the sign of μ does not matter."""
+    rng = np.random.default_rng(1)
+    shape, rate, sigma, eps = 4.0, 9.0, 0.1, 0.5
+    lam = rng.gamma(shape, 1.0 / rate, size=2_000_000)
+    noise = rng.normal(0.0, sigma / np.sqrt(lam))
+    for mean in (0.0, 0.2, 0.45, 0.7):
+        mc = np.mean(np.abs(mean + noise) < eps)
+        assert prob_within(eps, sigma, shape, rate, mean=mean) == pytest.approx(mc, abs=2e-3)
+        assert prob_within(eps, sigma, shape, rate, mean=-mean) == pytest.approx(
+            prob_within(eps, sigma, shape, rate, mean=mean), abs=1e-12)
+    assert prob_within(eps, sigma, shape, rate, mean=0.0) == prob_within(eps, sigma, shape, rate)
+    with pytest.raises(ValueError, match="mean 0"):
+        prob_within(eps, sigma, shape, rate, form="hyp2f1", mean=0.2)
+
+
+def test_an_error_observed_against_its_expected_value_is_standardised_from_it():
+    """z = (e − μ)/σ: an error that came as expected adds nothing to b'."""
+    c = Calibrator(3.0, 10.0)
+    c.observe(0.30, 0.1, mean=0.30)
+    c.observe(0.25, 0.1, mean=0.05)
+    assert c.n == 2 and c.posterior_rate == pytest.approx(10.0 + 0.5 * 2.0**2)
+
+
 def test_prob_within_is_a_probability_and_monotone():
     sigma = np.geomspace(1e-3, 1e3, 50)
     p = prob_within(0.5, sigma, 3.0, 10.0)

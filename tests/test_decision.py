@@ -5,7 +5,7 @@ import pytest
 
 from flytune.bayes.calibration import Calibrator
 from flytune.config import SafetyConfig
-from flytune.otf.decision import Decision, LabelMisfit, trusted_sigma
+from flytune.otf.decision import Decision, LabelMisfit, carried_error, trusted_sigma
 
 
 def worked_example(safety=None) -> Decision:
@@ -115,6 +115,31 @@ def test_label_misfit_follows_the_residual_to_first_order():
     moved.positions[0] -= moved.cell[0]  # the same structure, an atom one cell away
     assert misfit.at(moved) == pytest.approx(abs(residual(moved, offset)[0]), abs=gaps[1] * 1.01)
     assert LabelMisfit.from_state_dict(misfit.state_dict()).at(moved) == misfit.at(moved)
+
+
+def test_a_misfit_carried_as_a_bias_calls_where_the_expected_error_nears_eps():
+    """As a bias the residual d(x) is the error expected (μ = −d(x)) and only its
+    first-order change ΔF_L·Δx adds to σ: a known error of 0.6 ε with σ = 0.1 ε does not
+    call, where as spread (σ_t ≈ 0.6 ε) it does; a known error near ε calls, and so does a
+    large first-order change; at the label itself σ is the ensemble's."""
+    d = worked_example()
+    eps, sigma = 0.5, 0.05
+    assert carried_error(sigma, 0.3, 0.0) == (-0.3, pytest.approx(sigma))
+    mean, sigma_t = carried_error(sigma, -0.3, 0.12)
+    assert mean == 0.3 and sigma_t == pytest.approx(np.hypot(sigma, 0.12))
+    decide = dict(labels=5, since_call=7, reference_calls=5)
+    assert not d.decide(sigma, mean=-0.6 * eps, **decide).call
+    assert d.decide(float(trusted_sigma(sigma, sigma, 0.6 * eps)), **decide).call
+    assert d.decide(sigma, mean=0.95 * eps, **decide).call
+    assert d.decide(carried_error(sigma, 0.3 * eps, 0.5 * eps)[1], mean=-0.3 * eps, **decide).call
+    label = LabelMisfit(np.zeros((2, 3)), np.zeros((3, 3)), np.zeros(3, bool), 0.2, np.array([[0.1, 0, 0], [0, 0, 0]]))
+    moved = label.positions + [[0.5, 0, 0], [0, 0, 0]]
+
+    class At:
+        positions = moved
+
+    residual, change = label.carried(At)
+    assert change == pytest.approx(0.05) and residual == pytest.approx(0.15) and label.at(At) == pytest.approx(0.15)
 
 
 def test_calibration_checks_come_at_doubling_distances_until_enough_errors():

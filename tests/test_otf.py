@@ -237,21 +237,22 @@ def test_a_call_cap_that_blocks_the_rule_is_counted_per_step(workdir):
     assert calc.state.uncontrolled == {"call cap": len(marked)}
 
 
-@pytest.mark.parametrize("label_misfit", [False, True])
-def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_misfit):
+@pytest.mark.parametrize("label_misfit,misfit_as", [(False, "spread"), (True, "spread"), (True, "bias")])
+def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_misfit, misfit_as):
     """Two chains of 12 steps cannot fit or spread: after the first label the members miss
     it by more than σ_E and agree with each other, so σ ≈ σ_E. The published rule
     (``label_misfit = false``) then never calls again while the errors exceed ε; with the
-    misfit in σ (:func:`trusted_sigma`, :class:`LabelMisfit`) every step with |e| > ε is
-    called, and each step's σ is the ensemble's with the misfit of the newest label."""
+    misfit in σ (:func:`trusted_sigma`, :class:`LabelMisfit`) or carried as the expected
+    error (:func:`carried_error`) every step with |e| > ε is called, and each step's σ and
+    expected error are the ensemble's with the misfit of the newest label."""
     from ase import Atoms
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-    from flytune.otf.decision import trusted_sigma
+    from flytune.otf.decision import carried_error, trusted_sigma
 
     ensemble = Ensemble.from_config(
         ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
-        UncertaintyConfig(threshold=0.05, threshold_unit="eV", label_misfit=label_misfit,
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV", label_misfit=label_misfit, label_misfit_as=misfit_as,
                           calibration_checks=5 if label_misfit else 0), seed=0,
     )
     rows, misfits, raw = [], [], {}
@@ -300,7 +301,10 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
         assert sum(called) >= 3 and all(e <= 0.05 for e in uncalled_errors)
         for row in rows[1:]:
             structure, sigma, misfit = raw[row["force_call"]]
-            expected = trusted_sigma(sigma, ensemble.model.energy_sigma, misfit.at(structure))
+            if misfit_as == "bias":
+                expected = carried_error(sigma, *misfit.carried(structure))[1]
+            else:
+                expected = trusted_sigma(sigma, ensemble.model.energy_sigma, misfit.at(structure))
             assert row["energy_std_eV"] == pytest.approx(float(expected), rel=1e-9)
 
 

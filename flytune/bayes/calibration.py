@@ -2,14 +2,16 @@ r"""On-the-fly calibration of the ensemble's uncertainty and the call decision.
 
 Error model at a structure with ensemble energy mean Ê and total std σ (method §6):
 
-    e = E_ref − Ê,   e | λ ~ N(0, σ²/λ),   λ ~ Gamma(shape a, rate b).
+    e = E_ref − Ê,   e | λ ~ N(μ, σ²/λ),   λ ~ Gamma(shape a, rate b),
 
-After n interventions with standardised errors z_j = e_j / σ_j the posterior of λ is
-Gamma(a', b') with a' = a + n/2, b' = b + ½ Σ z_j², and the predictive error is a
-Student-t with ν = 2a' degrees of freedom and scale s = σ·sqrt(b'/a'), so
+μ the error expected there (0 unless a label's known residual is carried to the
+structure, method §6). After n interventions with standardised errors
+z_j = (e_j − μ_j) / σ_j the posterior of λ is Gamma(a', b') with a' = a + n/2,
+b' = b + ½ Σ z_j², and the predictive error is a Student-t with ν = 2a' degrees of
+freedom, location μ and scale s = σ·sqrt(b'/a'), so
 
-    P(|e| < ε) = 2·T_ν(ε/s) − 1
-               = 2ε·Γ(a'+½) / (Γ(a')·sqrt(2π b' σ²)) · ₂F₁(½, a'+½; 3/2; −ε²/(2 b' σ²)).
+    P(|e| < ε) = T_ν((ε − μ)/s) − T_ν((−ε − μ)/s)
+               = 2ε·Γ(a'+½) / (Γ(a')·sqrt(2π b' σ²)) · ₂F₁(½, a'+½; 3/2; −ε²/(2 b' σ²))   (μ = 0).
 
 With forgetting (discount γ < 1, see :class:`Calibrator`), the error seen k calls ago
 counts with weight γ^k: a' = a + ½ Σ_j γ^{n−j}, b' = b + ½ Σ_j γ^{n−j} z_j².
@@ -29,23 +31,29 @@ from scipy import special, stats
 Form = Literal["t", "hyp2f1"]
 
 
-def prob_within(threshold, sigma, shape, rate, form: Form = "t"):
-    r"""P(|e| < ε) for a prediction with std σ under the Gamma(a', b') calibration.
+def prob_within(threshold, sigma, shape, rate, form: Form = "t", mean=0.0):
+    r"""P(|e| < ε) for a prediction with std σ and expected error μ (``mean``) under the
+    Gamma(a', b') calibration.
 
-    ``threshold`` ε and ``sigma`` σ share one unit (e.g. eV); ``shape`` a' and ``rate`` b'
-    are the calibration posterior's parameters. ``form="t"`` evaluates
-    2·T_{2a'}(ε / (σ·sqrt(b'/a'))) − 1 (stable everywhere; used in the hot path);
-    ``form="hyp2f1"`` evaluates the closed form with Gauss's hypergeometric function,
-    2ε·Γ(a'+½)/(Γ(a')·sqrt(2π b' σ²))·₂F₁(½, a'+½; 3/2; −ε²/(2b'σ²)), which is
-    well-conditioned while ε²/(2b'σ²) is of order one or less. Broadcasts over arrays.
+    ``threshold`` ε, ``sigma`` σ and ``mean`` μ share one unit (e.g. eV); ``shape`` a' and
+    ``rate`` b' are the calibration posterior's parameters. ``form="t"`` evaluates
+    T_{2a'}((ε − μ)/s) − T_{2a'}((−ε − μ)/s), s = σ·sqrt(b'/a') (stable everywhere; used
+    in the hot path); ``form="hyp2f1"`` (μ = 0 only) evaluates the closed form with
+    Gauss's hypergeometric function, 2ε·Γ(a'+½)/(Γ(a')·sqrt(2π b' σ²))·₂F₁(½, a'+½;
+    3/2; −ε²/(2b'σ²)), which is well-conditioned while ε²/(2b'σ²) is of order one or
+    less. Broadcasts over arrays.
     """
-    threshold, sigma, shape, rate = np.broadcast_arrays(
-        *(np.asarray(x, dtype=float) for x in (threshold, sigma, shape, rate))
+    threshold, sigma, shape, rate, mean = np.broadcast_arrays(
+        *(np.asarray(x, dtype=float) for x in (threshold, sigma, shape, rate, mean))
     )
     if form == "t":
         scale = sigma * np.sqrt(rate / shape)
-        p = 1.0 - 2.0 * stats.t.sf(threshold / scale, df=2.0 * shape)
+        # 1 − P(e > ε) − P(e < −ε), each tail from the survival function (accurate far out)
+        df = 2.0 * shape
+        p = 1.0 - stats.t.sf((threshold - mean) / scale, df=df) - stats.t.sf((threshold + mean) / scale, df=df)
     elif form == "hyp2f1":
+        if np.any(mean != 0):
+            raise ValueError("form 'hyp2f1' is the closed form for mean 0; use form 't'")
         log_prefactor = (
             np.log(2.0 * threshold)
             + special.gammaln(shape + 0.5)
@@ -162,11 +170,12 @@ class Calibrator:
         """b' = b + S/2 (S = Σ z_j² without forgetting)."""
         return self.rate + 0.5 * self.sum_z2
 
-    def observe(self, error: float, sigma: float) -> None:
-        """Record one intervention: error e = E_ref − Ê and the std σ predicted before the update."""
-        if not (np.isfinite(error) and np.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"need a finite error and sigma > 0, got error={error}, sigma={sigma}")
-        self.observe_z2(float(error / sigma) ** 2)
+    def observe(self, error: float, sigma: float, mean: float = 0.0) -> None:
+        """Record one intervention: error e = E_ref − Ê, and the std σ and expected error μ
+        predicted before the update (z = (e − μ)/σ)."""
+        if not (np.isfinite(error) and np.isfinite(sigma) and sigma > 0 and np.isfinite(mean)):
+            raise ValueError(f"need a finite error and mean and sigma > 0, got error={error}, sigma={sigma}, mean={mean}")
+        self.observe_z2(float((error - mean) / sigma) ** 2)
 
     def observe_z2(self, z2: float) -> None:
         """Record one standardised squared error z² (e.g. :func:`force_z2` of a structure)."""
@@ -176,13 +185,13 @@ class Calibrator:
         self.weight = self.discount * self.weight + 1.0
         self.sum_z2 = self.discount * self.sum_z2 + float(z2)
 
-    def prob_within(self, threshold: float, sigma, form: Form = "t"):
-        """P(|e| < ε) for predictions with std ``sigma``."""
-        return prob_within(threshold, sigma, self.posterior_shape, self.posterior_rate, form)
+    def prob_within(self, threshold: float, sigma, form: Form = "t", mean=0.0):
+        """P(|e| < ε) for predictions with std ``sigma`` and expected error ``mean``."""
+        return prob_within(threshold, sigma, self.posterior_shape, self.posterior_rate, form, mean)
 
-    def prob_exceed(self, threshold: float, sigma):
+    def prob_exceed(self, threshold: float, sigma, mean=0.0):
         """P(|e| > ε) = 1 − P(|e| < ε)."""
-        return 1.0 - self.prob_within(threshold, sigma)
+        return 1.0 - self.prob_within(threshold, sigma, mean=mean)
 
     def prob_force_exceed(self, threshold: float, sigma_atoms) -> float:
         """P(max_a |ΔF_a| > ε_F) for per-atom force stds ``sigma_atoms`` (:func:`prob_force_within`)."""

@@ -43,7 +43,7 @@ from flytune.bayes.runners import worker_of
 from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
-from flytune.otf.decision import Decision, LabelMisfit, Verdict, trusted_sigma
+from flytune.otf.decision import Decision, LabelMisfit, Verdict, carried_error, trusted_sigma
 from flytune.errors import FlytuneError
 from flytune.otf.reference import Reference, ReferenceFailure, as_reference, compute_concurrently
 from flytune.otf.rundir import label_from_record, label_record
@@ -89,6 +89,8 @@ class Intervention:
     first: bool = False
     reason: str = "first"  # why the reference was called (see flytune.otf.decision.Verdict)
     label_misfit: float = 0.0  # r (eV) in σ here (flytune.otf.decision.LabelMisfit)
+    #: μ (eV): the error expected here (the label misfit carried as a bias; 0 as spread)
+    error_mean: float = 0.0
     #: called because r raised σ: with the ensemble's σ alone P(|e| > ε) was below the level
     by_misfit: bool = False
     #: why the posterior update ran right after this call (flytune.otf.updates), or "deferred"
@@ -128,6 +130,7 @@ class ForceCall:
     forces_var: np.ndarray | None = None  # eV²/Å², (n, 3): total variance of the predicted forces
     force_deviation: float = 0.0  # eV/Å: the largest per-atom force deviation among the members
     waits_because: str = ""  # why its label waits although its error was critical
+    mean: float = 0.0  # eV, the error expected here (the label misfit as a bias)
 
 
 @dataclass
@@ -363,12 +366,11 @@ class OnTheFlyCalculator(Calculator):
             mine_atoms = pred.structure_index == i
             forces, forces_var = pred.forces[mine_atoms], pred.forces_var[mine_atoms]
             energy, sigma = float(pred.energy[i]), float(pred.energy_std[i])
-            misfit = self.misfits.get(walker)
-            r = misfit.at(atoms) if misfit is not None and self.ensemble.uncertainty.label_misfit else 0.0
-            ensemble_sigma, sigma = sigma, float(trusted_sigma(sigma, self.ensemble.model.energy_sigma, r))
+            ensemble_sigma = sigma
+            mean, sigma, r = self._with_misfit(self.misfits.get(walker), atoms, sigma)
             last = st.walker_last_call.get(walker)
             mine = st.walker_force_calls[walker]
-            verdict = self.decision.decide(sigma, labels=0 if first_round else 1,
+            verdict = self.decision.decide(sigma, mean=mean, labels=0 if first_round else 1,
                                            reference_calls=st.reference_calls + len(calls),
                                            since_call=mine - last if last is not None else mine,
                                            force_sigma=np.sqrt(forces_var.mean(axis=1)),
@@ -382,7 +384,8 @@ class OnTheFlyCalculator(Calculator):
                              by_misfit=verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
                              and not self.decision.wants_call(self.decision.deciding_prob(
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
-                             forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()))
+                             forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()),
+                             mean=mean)
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -551,7 +554,8 @@ class OnTheFlyCalculator(Calculator):
         """Measure the updated ensemble's misfit at each walker's newest label (one that
         arrived during a background update included; ``labels``: those the update learned,
         for a checkpoint from before per-walker labels): whether the update learned them,
-        i.e. the misfit left there, as σ, keeps P(|e| > ε) within the call level."""
+        i.e. the misfit left there, as the decision takes it (``label_misfit_as``) with σ_E,
+        keeps P(|e| > ε) within the call level."""
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
@@ -570,8 +574,28 @@ class OnTheFlyCalculator(Calculator):
                                                            self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
         sigma_e = self.ensemble.model.energy_sigma
-        left = max((abs(self.misfits[w].energy_residual_eV) for w in walkers), default=0.0)
-        return not self.decision.wants_call(self.decision.prob_exceed(float(trusted_sigma(sigma_e, sigma_e, left))))
+        for walker in walkers:
+            mean, sigma, _ = self._with_misfit(self.misfits[walker], self.newest[walker], sigma_e, enabled=True)
+            if self.decision.wants_call(self.decision.prob_exceed(sigma, mean)):
+                return False
+        return True
+
+    def _with_misfit(self, misfit: LabelMisfit | None, atoms: Atoms, sigma: float,
+                     enabled: bool | None = None) -> tuple[float, float, float]:
+        """(μ, σ_t, r) (eV) at ``atoms`` for an ensemble std ``sigma``: the expected error,
+        the std and the label misfit |d(x)| the decision uses, with ``misfit`` (the walker's
+        newest label) entering as ``[uncertainty] label_misfit_as`` says
+        (:func:`~flytune.otf.decision.carried_error` or :func:`~flytune.otf.decision.trusted_sigma`);
+        (0, σ, 0) without one or with ``label_misfit = false`` (``enabled`` overrides it)."""
+        uncertainty = self.ensemble.uncertainty
+        if misfit is None or not (uncertainty.label_misfit if enabled is None else enabled):
+            return 0.0, sigma, 0.0
+        if uncertainty.label_misfit_as == "bias":
+            residual, change = misfit.carried(atoms)
+            mean, sigma_t = carried_error(sigma, residual, change)
+            return mean, sigma_t, abs(residual)
+        r = misfit.at(atoms)
+        return 0.0, float(trusted_sigma(sigma, self.ensemble.model.energy_sigma, r)), r
 
     def _label_all(self, calls: list[ForceCall], first_round: bool) -> None:
         """Label the structures of ``calls`` (steps of :meth:`evaluate` whose verdict asked
@@ -616,7 +640,7 @@ class OnTheFlyCalculator(Calculator):
             force_error = label.get_forces(apply_constraint=False) - step.forces
             step.force_error_max = float(np.linalg.norm(force_error, axis=1).max())
             if not first:
-                self.decision.observe(step.error, step.sigma)  # σ predicted before the update
+                self.decision.observe(step.error, step.sigma, step.mean)  # σ, μ predicted before the update
                 self.decision.observe_forces(force_error, step.forces_var)
             self.state.time_reference_s += reference_s
             reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first)
@@ -645,7 +669,7 @@ class OnTheFlyCalculator(Calculator):
                 reference_s=reference_s, update_s=update_s if last else 0.0, first=step.verdict.reason == "first",
                 reason=step.verdict.reason, labels_learned=learned if last else 0,
                 update=due or ("deferred: " + step.waits_because if step.waits_because else "deferred"),
-                label_misfit=step.misfit, by_misfit=step.by_misfit, update_running=update_running,
+                label_misfit=step.misfit, error_mean=step.mean, by_misfit=step.by_misfit, update_running=update_running,
                 walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
                 prob_force_exceed=step.verdict.prob_force_exceed,
             )

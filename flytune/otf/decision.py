@@ -7,6 +7,9 @@ multiplier) gives a Student-t predictive error with ν = 2a' and scale σ·sqrt(
 
     P(|e| > ε) = 2·(1 − T_ν(ε / (σ·sqrt(b'/a')))),
 
+or, where the error expected there is μ ≠ 0 (a label's residual carried as a bias),
+1 − T_ν((ε − μ)/s) + T_ν((−ε − μ)/s) with s = σ·sqrt(b'/a'),
+
 and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). With
 ``criterion = "forces"`` the probability is P(max_a |ΔF_a| > ε_F) from the per-atom force
 stds, under a force calibration of its own (:func:`flytune.bayes.calibration.prob_force_within`,
@@ -29,12 +32,15 @@ calls when the largest per-atom force deviation among the members
 (:func:`flytune.bayes.ensemble.force_deviation`) exceeds a fixed threshold, the rule of
 DP-GEN and aims-PAX. The probability is still computed and logged at every step.
 
-After a call, the error e = E_ref + Δ − Ê and the σ predicted *before* the update
-update the calibration (:meth:`Decision.observe`).
+After a call, the error e = E_ref + Δ − Ê and the σ and μ predicted *before* the
+update update the calibration (:meth:`Decision.observe`).
 
-The σ the rule uses (:func:`trusted_sigma`) is the ensemble's, with its noise term
-raised to what the members miss their newest label by (:class:`LabelMisfit`), when that
-is more than the likelihood's σ_E.
+What the members miss their newest label by (:class:`LabelMisfit`) enters in one of two
+ways (``[uncertainty] label_misfit_as``): as spread, the σ the rule uses is the
+ensemble's with its noise term raised to that misfit when it is more than the
+likelihood's σ_E (:func:`trusted_sigma`); as a bias, the residual carried to the
+structure is the expected error μ and its first-order change adds to σ
+(:func:`carried_error`).
 """
 
 from __future__ import annotations
@@ -66,6 +72,25 @@ def trusted_sigma(sigma, sigma_energy: float, misfit: float):
     excess = max(0.0, float(misfit) ** 2 - float(sigma_energy) ** 2)
     result = np.sqrt(sigma**2 + excess)
     return result[()] if result.ndim == 0 else result
+
+
+def carried_error(sigma, residual_eV: float, change_eV: float) -> tuple[float, float]:
+    r"""The error expected at a structure and its std (eV), (μ, σ_t), when the label
+    misfit is carried as a known residual (``[uncertainty] label_misfit_as = "bias"``):
+
+        μ = −d(x) = −(d_L − ΔF_L·Δx),    σ_t² = σ² + (ΔF_L·Δx)²,
+
+    ``residual_eV`` d(x) and ``change_eV`` ΔF_L·Δx from :meth:`LabelMisfit.carried`,
+    σ the ensemble's std. The reference has shown the members' mean off by d_L at L, in
+    sign and size; to first order that is the error at x, e = E_ref − Ê ≈ −d(x), and the
+    first-order term, of unknown remainder, counts as spread as large as itself. At L
+    itself σ_t = σ and the error is known; far from L the spread grows with the force
+    residual the ensemble has left there. With ``"spread"`` the same residual enters σ
+    only, sign unused (:func:`trusted_sigma`), and a known error of 0.6 ε asks for a call
+    as an unknown one of 0.3 ε would.
+    """
+    sigma = float(sigma)
+    return -float(residual_eV), float(np.sqrt(sigma**2 + float(change_eV) ** 2))
 
 
 @dataclass
@@ -100,12 +125,17 @@ class LabelMisfit:
                    float(energy_eV - (label.get_potential_energy() + energy_offset_eV)),
                    np.asarray(forces_eV_A, dtype=float) - label.get_forces(apply_constraint=False))
 
-    def at(self, atoms) -> float:
-        """r(x) (eV) at ``atoms`` (same atoms as the label)."""
+    def carried(self, atoms) -> tuple[float, float]:
+        """(d(x), ΔF_L·Δx) (eV) at ``atoms`` (same atoms as the label)."""
         displacement = atoms.positions - self.positions
         if self.pbc.any():
             displacement, _ = find_mic(displacement, self.cell, self.pbc)
-        return abs(self.energy_residual_eV - float(np.sum(self.force_residual_eV_A * displacement)))
+        change = float(np.sum(self.force_residual_eV_A * displacement))
+        return self.energy_residual_eV - change, change
+
+    def at(self, atoms) -> float:
+        """r(x) = |d(x)| (eV) at ``atoms`` (same atoms as the label)."""
+        return abs(self.carried(atoms)[0])
 
     def state_dict(self) -> dict:
         return {"positions": self.positions.tolist(), "cell": self.cell.tolist(), "pbc": self.pbc.tolist(),
@@ -178,9 +208,9 @@ class Decision:
         self.trigger = trigger
         self.trigger_threshold = float(thresholds[trigger])
 
-    def prob_exceed(self, sigma: float) -> float:
-        """P(|e| > ε) for a prediction with std ``sigma`` (eV)."""
-        return float(self.calibrator.prob_exceed(self.threshold_eV, sigma))
+    def prob_exceed(self, sigma: float, mean: float = 0.0) -> float:
+        """P(|e| > ε) for a prediction with std ``sigma`` and expected error ``mean`` (eV)."""
+        return float(self.calibrator.prob_exceed(self.threshold_eV, sigma, mean))
 
     def prob_force_exceed(self, force_sigma) -> float | None:
         """P(max_a |ΔF_a| > ε_F) for per-atom force stds ``force_sigma`` (eV/Å); None without ε_F."""
@@ -200,8 +230,10 @@ class Decision:
         return prob_exceed > 1.0 - self.confidence
 
     def decide(self, sigma: float, *, labels: int, since_call: int, reference_calls: int,
-               force_sigma=None, ensemble_sigma: float | None = None, force_deviation=None) -> Verdict:
-        """The verdict at a structure with std ``sigma`` (eV) and per-atom force stds
+               force_sigma=None, ensemble_sigma: float | None = None, force_deviation=None,
+               mean: float = 0.0) -> Verdict:
+        """The verdict at a structure with std ``sigma`` and expected error ``mean`` (eV; 0
+        unless a label's residual is carried there, :func:`carried_error`), per-atom force stds
         ``force_sigma`` (eV/Å; needed by the force criterion), given the number of labels
         so far, the force calls since the last reference call (counting this one) and the
         reference calls made (see the module docstring for the order of the rules). The
@@ -209,7 +241,7 @@ class Decision:
         ``sigma``) or the per-atom ``force_deviation`` (eV/Å)."""
         if labels == 0:
             return Verdict(True, 1.0, "first", prob_force_exceed=None if self.force_threshold_eV_A is None else 1.0)
-        prob = self.prob_exceed(sigma)
+        prob = self.prob_exceed(sigma, mean)
         prob_force = self.prob_force_exceed(force_sigma)
         if self.criterion != "energy" and prob_force is None:
             raise ValueError(f"criterion {self.criterion!r} needs the per-atom force stds")
@@ -254,10 +286,10 @@ class Decision:
         n = self.calibrator.n
         return n < self.checks and since_call >= 2**n
 
-    def observe(self, error: float, sigma: float) -> None:
-        """Record the error e (eV) of a labelled structure and the std σ (eV) predicted
-        there before the update."""
-        self.calibrator.observe(error, sigma)
+    def observe(self, error: float, sigma: float, mean: float = 0.0) -> None:
+        """Record the error e (eV) of a labelled structure and the std σ and expected error μ
+        (eV) predicted there before the update."""
+        self.calibrator.observe(error, sigma, mean)
 
     def observe_forces(self, errors, variances) -> None:
         """Record the force errors ΔF (A, 3) of a labelled structure (eV/Å) and the force
