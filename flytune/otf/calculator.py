@@ -381,7 +381,8 @@ class OnTheFlyCalculator(Calculator):
                 results["stress"] = pred.stress[i]
             step = ForceCall(atoms, walker, first_call + i, energy, forces, sigma, verdict, r, results,
                              uncontrolled=verdict.reason if verdict.uncontrolled else "",
-                             by_misfit=verdict.call and verdict.reason == "probability" and sigma > ensemble_sigma
+                             by_misfit=verdict.call and verdict.reason == "probability"
+                             and (sigma > ensemble_sigma or mean != 0.0)
                              and not self.decision.wants_call(self.decision.deciding_prob(
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
                              forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()),
