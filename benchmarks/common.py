@@ -60,10 +60,11 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
 
     ``rmse_random_in_run_kcal`` and ``random_in_run_exceed_fraction`` (share above the
     run's ε) score, at the same frames, the energy the run's MD was given there
-    (``steps.csv``; at a call the ensemble's prediction before it, from
-    ``interventions.jsonl``): the promise the run kept step by step, not the final model
-    (run directories of one walker, the trajectory written every ``trajectory_every``
-    steps from step 0)."""
+    (``steps.csv``: the ensemble's mean, or the reference's at a call), not the final
+    model; ``random_uncalled_exceed_fraction`` is that share among the
+    ``random_uncalled_frames`` where no call was made, the steps the rule vouched for with
+    P(|e| > ε) ≤ 5 % (run directories of one walker, the trajectory written every
+    ``trajectory_every`` steps from step 0)."""
     from ase.io import read
 
     from flytune.bayes.ensemble import Ensemble
@@ -107,12 +108,13 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
         run = RunDirectory(run_dir)
         config = RunConfig.model_validate(json.loads(run.config.read_text())["config"])
         every, eps_kcal = config.md.trajectory_every, config.uncertainty.threshold_eV / KCAL_MOL
-        steps, predicted = run.read_steps(), {r["step"]: r["energy_pred"] for r in run.read_interventions()}
-        used = np.array([predicted[i * every] if steps["reference_called"][i * every] else steps["energy_eV"][i * every]
-                         for i in picks])
-        in_run = (raw + offset - used) / KCAL_MOL
+        steps, rows = run.read_steps(), np.asarray(picks) * every
+        in_run = np.abs(raw + offset - steps["energy_eV"][rows]) / KCAL_MOL
+        uncalled = ~steps["reference_called"][rows].astype(bool)
         out.update(rmse_random_in_run_kcal=float(np.sqrt(np.mean(in_run**2))),
-                   random_in_run_exceed_fraction=float(np.mean(np.abs(in_run) > eps_kcal)))
+                   random_in_run_exceed_fraction=float(np.mean(in_run > eps_kcal)),
+                   random_uncalled_frames=int(uncalled.sum()),
+                   random_uncalled_exceed_fraction=float(np.mean(in_run[uncalled] > eps_kcal)) if uncalled.any() else None)
     return out
 
 
