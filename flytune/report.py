@@ -170,6 +170,8 @@ def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
     t_sc = np.array([r["time_fs"] for r in scored]) / 1000
     err = np.array([r["error"] for r in scored]) / u
     sig = np.array([r["calibrated_std"] for r in scored]) / u
+    # the error expected at each call (a label misfit carried as a bias; 0 otherwise)
+    mu = np.array([r.get("error_mean", 0.0) for r in scored]) / u
     eps = run.threshold_eV / u
     paths = {}
 
@@ -219,7 +221,12 @@ def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.axhspan(-eps, eps, color="tab:green", alpha=0.15, label=f"±ε = ±{eps:g} {unit}")
     if err.size:
-        ax.errorbar(t_sc, err, yerr=sig, fmt="o", ms=3, lw=0.8, capsize=0, label="error ± calibrated σ")
+        if np.any(mu != 0):
+            ax.errorbar(t_sc, mu, yerr=sig, fmt="none", lw=0.8, capsize=0, alpha=0.5,
+                        label="expected error ± calibrated σ")
+            ax.plot(t_sc, err, "o", ms=3, label="error")
+        else:
+            ax.errorbar(t_sc, err, yerr=sig, fmt="o", ms=3, lw=0.8, capsize=0, label="error ± calibrated σ")
     exceed = float(np.mean(np.abs(err) > eps)) if err.size else math.nan
     ax.set_title(f"error at interventions: {100 * exceed:.1f} % above ε ({err.size} scored)" if err.size
                  else "no scored intervention yet")
@@ -230,10 +237,10 @@ def plot_all(run: RunLog, out: Path) -> dict[str, Path]:
 
     fig, ax = plt.subplots(figsize=(4.8, 4.2))
     if err.size:
-        ax.scatter(sig, np.abs(err), s=10, alpha=0.6, label="|error|")
-        s_curve, e_curve = rmse_vs_sigma(sig, err)
+        ax.scatter(sig, np.abs(err - mu), s=10, alpha=0.6, label="|error − expected|" if np.any(mu) else "|error|")
+        s_curve, e_curve = rmse_vs_sigma(sig, err - mu)
         ax.plot(s_curve, e_curve, color="tab:red", label="smoothed RMSE")
-        top = max(float(np.max(sig)), float(np.max(np.abs(err)))) * 1.05
+        top = max(float(np.max(sig)), float(np.max(np.abs(err - mu)))) * 1.05
         ax.plot([0, top], [0, top], "k:", lw=1, label="calibrated")
     ax.set_xlabel(f"calibrated σ ({unit})")
     ax.set_ylabel(f"|error|, RMSE ({unit})")
