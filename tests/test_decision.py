@@ -132,14 +132,12 @@ def test_a_misfit_carried_as_a_bias_calls_where_the_expected_error_nears_eps():
     assert d.decide(float(trusted_sigma(sigma, sigma, 0.6 * eps)), **decide).call
     assert d.decide(sigma, mean=0.95 * eps, **decide).call
     assert d.decide(carried_error(sigma, 0.3 * eps, 0.5 * eps)[1], mean=-0.3 * eps, **decide).call
+    from ase import Atoms
+
     label = LabelMisfit(np.zeros((2, 3)), np.zeros((3, 3)), np.zeros(3, bool), 0.2, np.array([[0.1, 0, 0], [0, 0, 0]]))
-    moved = label.positions + [[0.5, 0, 0], [0, 0, 0]]
-
-    class At:
-        positions = moved
-
-    residual, change = label.carried(At)
-    assert change == pytest.approx(0.05) and residual == pytest.approx(0.15) and label.at(At) == pytest.approx(0.15)
+    moved = Atoms("H2", positions=[[0.5, 0, 0], [0, 0, 0]])
+    residual, change = label.carried(moved)
+    assert change == pytest.approx(0.05) and residual == pytest.approx(0.15) and label.at(moved) == pytest.approx(0.15)
 
 
 def test_calibration_checks_come_at_doubling_distances_until_enough_errors():

@@ -262,8 +262,9 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
         target = label.get_potential_energy() + ensemble.data.energy_offset
         misfits.append((record["label_misfit_eV"], abs(float(ensemble.predict(label).energy[0]) - target)))
 
+    interventions = []
     calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"), on_step=rows.append,
-                              on_update=on_update)
+                              on_update=on_update, on_intervention=lambda label, iv: interventions.append(iv))
     predict = ensemble.predict
 
     def spy(structures, **kwargs):  # the ensemble's own σ at each force call, and the misfit then
@@ -306,6 +307,12 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
             else:
                 expected = trusted_sigma(sigma, ensemble.model.energy_sigma, misfit.at(structure))
             assert row["energy_std_eV"] == pytest.approx(float(expected), rel=1e-9)
+        for iv in interventions[1:]:  # the error expected at each call: −d(x) as a bias, none as spread
+            structure, _, misfit = raw[iv.force_call]
+            expected = -misfit.carried(structure)[0] if misfit_as == "bias" else 0.0
+            assert iv.error_mean == pytest.approx(expected, rel=1e-9, abs=1e-15)
+        if misfit_as == "bias":
+            assert any(iv.error_mean != 0 for iv in interventions[1:])
 
 
 def test_a_deferred_label_sets_the_misfit_from_the_prediction_it_corrected(workdir):

@@ -130,7 +130,7 @@ class ForceCall:
     forces_var: np.ndarray | None = None  # eV²/Å², (n, 3): total variance of the predicted forces
     force_deviation: float = 0.0  # eV/Å: the largest per-atom force deviation among the members
     waits_because: str = ""  # why its label waits although its error was critical
-    mean: float = 0.0  # eV, the error expected here (the label misfit as a bias)
+    error_mean: float = 0.0  # eV, μ: the error expected here (the label misfit as a bias)
 
 
 @dataclass
@@ -386,7 +386,7 @@ class OnTheFlyCalculator(Calculator):
                              and not self.decision.wants_call(self.decision.deciding_prob(
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
                              forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()),
-                             mean=mean)
+                             error_mean=mean)
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -641,7 +641,7 @@ class OnTheFlyCalculator(Calculator):
             force_error = label.get_forces(apply_constraint=False) - step.forces
             step.force_error_max = float(np.linalg.norm(force_error, axis=1).max())
             if not first:
-                self.decision.observe(step.error, step.sigma, step.mean)  # σ, μ predicted before the update
+                self.decision.observe(step.error, step.sigma, step.error_mean)  # σ, μ predicted before the update
                 self.decision.observe_forces(force_error, step.forces_var)
             self.state.time_reference_s += reference_s
             reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first)
@@ -670,7 +670,7 @@ class OnTheFlyCalculator(Calculator):
                 reference_s=reference_s, update_s=update_s if last else 0.0, first=step.verdict.reason == "first",
                 reason=step.verdict.reason, labels_learned=learned if last else 0,
                 update=due or ("deferred: " + step.waits_because if step.waits_because else "deferred"),
-                label_misfit=step.misfit, error_mean=step.mean, by_misfit=step.by_misfit, update_running=update_running,
+                label_misfit=step.misfit, error_mean=step.error_mean, by_misfit=step.by_misfit, update_running=update_running,
                 walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
                 prob_force_exceed=step.verdict.prob_force_exceed,
             )
