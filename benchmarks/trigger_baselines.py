@@ -4,7 +4,8 @@ posterior, deferred updates with critical_factor 1: the settings of ``otf_ethano
 --updates deferred --critical-factor 1``), one run per trigger:
 
 - ``probability``: flytune's calibrated rule, P(|e| > ε) > 5 % (label misfit and
-  calibration checks on, the defaults);
+  calibration checks on, the defaults); its run is that of ``otf_ethanol.py pbe --updates
+  deferred --critical-factor 1``, whose configuration is the same;
 - ``spread``: the same ensemble, a call when its raw energy σ > ε/2 (no calibration);
 - ``force_deviation``: a call when the members' largest per-atom force deviation exceeds a
   threshold (DP-GEN, aims-PAX). Unless ``--deviation-eV-A`` is given, the threshold is
@@ -17,7 +18,7 @@ Each finished run is stored under its trigger in ``results/trigger_baselines.jso
 ``rmse_random_finetuned_kcal`` and ``random_exceed_fraction`` on ``--frames`` random
 trajectory frames recomputed with PySCF (the fair comparison: where a trigger calls decides
 which errors it sees), plus wall time and speed-up. Runs resume from
-``benchmarks/runs/trigger_baselines_<trigger>/`` and go in parts with ``--hours``.
+``benchmarks/runs/trigger_baselines_<trigger>/`` (``probability``: see above) and go in parts with ``--hours``.
 
     .venv/bin/python benchmarks/trigger_baselines.py probability [--ps 2] [--hours H]
     .venv/bin/python benchmarks/trigger_baselines.py spread
@@ -42,6 +43,10 @@ THRESHOLD_KCAL = 0.5
 
 
 def folder(trigger: str) -> Path:
+    """The run's folder. The ``probability`` arm is the run of ``otf_ethanol.py pbe --updates
+    deferred --critical-factor 1`` (the same configuration, so one run serves both)."""
+    if trigger == "probability":
+        return ROOT / "benchmarks" / "runs" / "otf_ethanol_pbe_deferred_critical1"
     return ROOT / "benchmarks" / "runs" / f"trigger_baselines_{trigger}"
 
 

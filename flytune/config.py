@@ -277,6 +277,10 @@ class UpdatesConfig(_Strict):
         1, description="a blocking update runs one more cycle on the same labels while it has not learned its "
         "newest one (the misfit left there, as sigma, keeps P(|e|>eps) above the call level), up to this many",
     )
+    final_cycles: NonNegativeInt = Field(
+        1, description="at the end of the run, this many more update cycles over all labels drawn uniformly, "
+        "after the last MD step: they improve the model the run leaves (model.pt), not its MD",
+    )
     background: bool = Field(
         False, description="run updates in worker processes while the MD continues on the current ensemble "
         "(still calling the reference where it is uncertain); the new samples are swapped in when ready",

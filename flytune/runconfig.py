@@ -72,6 +72,7 @@ policy = "every"               # every | deferred (wait until the calls since th
 max_pending = 16               # deferred: update once this many labels wait
 critical_factor = 1.0          # deferred: update at once when |error| > this × ε
 max_cycles = 1                 # more cycles on the same labels while the newest is not learned, up to this many
+final_cycles = 1               # after the last MD step: cycles over all labels, for the model the run leaves
 background = false             # true: update in the worker processes while the MD goes on
 
 [execution]                    # where the reference calls run

@@ -401,6 +401,35 @@ def test_an_update_that_misses_its_newest_label_runs_more_cycles_up_to_max_cycle
     assert any(u["cycles"] > 1 for u in updates)
 
 
+def test_final_cycles_run_over_all_labels_once_after_the_md(workdir):
+    """[updates] final_cycles: after the MD, cycles over all labels with no label favoured,
+    booked as updates with reason "final" that learn no new label; asking again does
+    nothing, and a later update that learns labels makes them due again."""
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV"), seed=0,
+    )
+    updates = []
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"), on_update=updates.append)
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(4)
+    labels, during_md = len(ensemble.data), len(updates)
+    before = [{k: v.clone() for k, v in m.items()} for m in ensemble.members]
+    calc.learn_final(2)
+    assert [u["reason"] for u in updates[during_md:]] == ["final", "final"]
+    assert all(u["labels_learned"] == 0 and u["labels"] == labels and u["chain_steps"] == 2 * 12
+               for u in updates[during_md:])
+    assert len(ensemble.data) == labels and calc.state.final_cycles == 2
+    assert any(not torch.equal(m[k], b[k]) for m, b in zip(ensemble.members, before) for k in m)
+    calc.learn_final(2)
+    assert len(updates) == during_md + 2  # done already
+    VelocityVerlet(atoms, 2 * units.fs).run(6)  # the run extended: new labels, new final cycles
+    assert len(ensemble.data) > labels and calc.state.final_cycles == 0
+    calc.learn_final(1)
+    assert updates[-1]["reason"] == "final" and calc.state.final_cycles == 1
+
+
 def test_stress_is_declared_only_for_periodic_structures(workdir):
     """A molecule: `get_stress()` is refused up front with a message that says why, before
     any prediction or reference call; a periodic cell has stress."""
@@ -462,12 +491,17 @@ def test_run_directory_contents(uninterrupted):
         assert key in summary
     assert summary["steps"] == 15 and summary["reference_calls"] >= 5
     # the cost figures: one update per call (policy "every"), none of the steps outside the promise
-    updates = [json.loads(line) for line in (rd / "updates.jsonl").read_text().splitlines()]
+    records = update_records(rd)
+    updates = update_records(rd, final=False)
     assert summary["updates"] == len(updates) == summary["reference_calls"] and summary["labels_per_update"] == 1
-    assert summary["time_update_s"] == pytest.approx(sum(u["update_s"] for u in updates))
-    assert all(u["chain_steps"] == 2 * 12 and u["s_per_chain_step"] > 0 for u in updates)
+    # [updates] final_cycles = 1 (the default): one cycle over all labels after the last MD step, booked apart
+    assert records[:-1] == updates and records[-1]["reason"] == "final" and records[-1]["labels_learned"] == 0
+    assert records[-1]["labels"] == summary["reference_calls"] and records[-1]["step"] == summary["steps"]
+    assert summary["final_cycles"] == 1 and summary["final_cycles_s"] == pytest.approx(records[-1]["update_s"])
+    assert summary["time_update_s"] == pytest.approx(sum(u["update_s"] for u in records))
+    assert all(u["chain_steps"] == 2 * 12 and u["s_per_chain_step"] > 0 for u in records)
     # the split of an update's wall time: the chains' own compute (measured where they ran) and the rest
-    assert all(0 < u["worker_s"] <= u["update_s"] for u in updates)
+    assert all(0 < u["worker_s"] <= u["update_s"] for u in records)
     assert all(u["overhead_s"] == pytest.approx(u["update_s"] - u["worker_s"]) for u in updates)
     assert summary["steps_uncontrolled"] == 0 and summary["uncontrolled_by_cause"] == {}
     t_ref = sorted(json.loads(line)["reference_s"] for line in (rd / "interventions.jsonl").read_text().splitlines())
@@ -533,13 +567,15 @@ def deferred(workdir):
     return workdir / "deferred"
 
 
-def update_records(run_dir: Path):
-    return [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+def update_records(run_dir: Path, final: bool = True):
+    """``updates.jsonl``; ``final = False``: without the cycles after the last MD step."""
+    records = [json.loads(line) for line in (run_dir / "updates.jsonl").read_text().splitlines()]
+    return records if final else [u for u in records if u["reason"] != "final"]
 
 
 def test_deferred_updates_learn_every_label_in_fewer_updates(deferred):
     summary = json.loads((deferred / "summary.json").read_text())
-    updates = update_records(deferred)
+    updates = update_records(deferred, final=False)
     interventions = [json.loads(line) for line in (deferred / "interventions.jsonl").read_text().splitlines()]
     assert updates[0]["reason"] == "first" and updates[0]["labels_learned"] == 1
     assert {u["reason"] for u in updates[1:]} <= {"max pending", "end of run"}
@@ -553,11 +589,12 @@ def test_deferred_updates_learn_every_label_in_fewer_updates(deferred):
     assert len(Ensemble.read_state(deferred / "model.pt")["data"]["numbers"]) == summary["reference_calls"]
 
 
-@pytest.mark.parametrize("kill_at", ["label-written:8", "mid-update:4"])
+@pytest.mark.parametrize("kill_at", ["label-written:8", "mid-update:4", "final-cycle:1"])
 def test_sigkill_with_labels_pending_loses_and_repeats_none(workdir, deferred, kill_at):
-    """Killed with labels 6 and 7 waiting in the checkpoint as label 8 is written, or
-    during the update that learns labels 2–5: the resumed run has the same labels, calls
-    and updates as the unbroken one."""
+    """Killed with labels 6 and 7 waiting in the checkpoint as label 8 is written, during
+    the update that learns labels 2–5, or after the final cycle ran but before it was
+    checkpointed: the resumed run has the same labels, calls and updates (one final cycle)
+    as the unbroken one."""
     name = "deferred_kill_" + kill_at.replace(":", "_").replace("-", "_")
     config = write_config(workdir, name, **DEFERRED)
     killed = run_cli(workdir, config, {"FLYTUNE_KILL_AT": kill_at})

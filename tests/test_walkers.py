@@ -280,6 +280,7 @@ def test_deferred_updates_pool_every_walkers_labels_and_walkers_may_end_early(wo
         otf.close()
     rd = workdir / "pooled"
     updates = [json.loads(line) for line in (rd / "updates.jsonl").read_text().splitlines()]
+    assert updates.pop()["reason"] == "final"  # [updates] final_cycles = 1, after the last round
     interventions = [json.loads(line) for line in (rd / "interventions.jsonl").read_text().splitlines()]
     assert [w["steps"] for w in summary["walkers"]] == [10, 6, 10] and summary["steps"] == 26
     assert updates[0]["reason"] == "first" and updates[0]["labels_learned"] == 3  # the three first labels

@@ -148,6 +148,7 @@ class CalculatorState:
     time_update_s: float = 0.0
     skipped_failures: int = 0
     updates: int = 0
+    final_cycles: int = 0  # cycles over all labels done since the last update learned a label
     #: force calls that ran without the call the rule asked for, by cause
     uncontrolled: dict[str, int] = field(default_factory=dict)
 
@@ -498,6 +499,24 @@ class OnTheFlyCalculator(Calculator):
                       cost=(chain_steps, worker_s))
         return update_s, len(labels)
 
+    def learn_final(self, cycles: int) -> None:
+        """At the end of the run: update cycles over all labels, drawn uniformly (no label
+        favoured), until ``cycles`` are done since the last label was learned (those done
+        before a kill count: the counter is checkpointed). The MD has no step left to serve, so these cycles only
+        improve the model the run leaves behind (``model.pt``); each is booked as an
+        update with reason ``final``.
+
+        Raises :class:`UpdateInterrupted` when a stop arrives during a cycle."""
+        while self.state.final_cycles < cycles and len(self.ensemble.data):
+            start = time.perf_counter()
+            self.ensemble.continue_update(0, progress=self._update_progress, stop=self.stop)
+            if self._interrupted():
+                raise UpdateInterrupted
+            faults.point("final-cycle")  # a kill here: the cycle is redone on resume
+            self.state.final_cycles += 1
+            update_s = time.perf_counter() - start
+            self._updated("final", [], update_s, update_s, learned=self._measure_newest([]))
+
     def _interrupted(self) -> bool:
         return any(chain.interrupted for chain in self.ensemble.chains)
 
@@ -539,6 +558,8 @@ class OnTheFlyCalculator(Calculator):
         self.schedule.updated(update_s, learned=learned)
         self.state.time_update_s += waited_s
         self.state.updates += 1
+        if labels:  # a run extended past its end gets its final cycles again at the new end
+            self.state.final_cycles = 0
         if self.on_update is not None:
             misfit = self.misfits[max(self.newest, key=lambda w: self.newest[w].info.get("force_call", 0))]
             residual = misfit.force_residual_eV_A

@@ -458,6 +458,7 @@ class OnTheFlyRun:
                 self.calc.adopt_pending()  # labels from before a kill that the resumed MD did not revisit
                 if self.calc.schedule.pending or self.ensemble.learning:
                     self.calc.learn_pending("end of run")  # model.pt learns every label
+                self.calc.learn_final(c.updates.final_cycles)
         except (ReferenceFailure, ModelFailure) as exc:
             kind = "reference failure" if isinstance(exc, ReferenceFailure) else "model failure"
             stopped = f"{kind} at MD step {self._where()}: {exc}"

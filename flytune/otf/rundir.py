@@ -374,7 +374,9 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
       how much faster the run was than the reference doing every step;
     - ``reference_over_prediction`` = median t_ref / median t_pred: the limit of that
       speed-up (one ensemble prediction per step instead of one reference call);
-    - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates;
+    - ``updates``, ``labels_per_update`` and ``median_s_per_chain_step`` of the updates
+      the MD waited for or ran beside, and ``final_cycles`` / ``final_cycles_s``: the
+      cycles over all labels after the last step (``[updates] final_cycles``);
     - ``calls_by_reason`` (first, probability, forced, check) and ``calls_by_label_misfit``: the
       probability calls that the label misfit caused (with the ensemble's σ alone, P was
       below the level; :func:`flytune.otf.decision.trusted_sigma`).
@@ -396,6 +398,8 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
     median_ref = float(np.median(t_ref)) if t_ref.size else None
     if not updates:  # a run directory from before updates.jsonl: one update per call
         updates = [{"labels_learned": 1} for _ in interventions]
+    final = [u for u in updates if u.get("reason") == "final"]
+    updates = [u for u in updates if u.get("reason") != "final"]
     learned = sum(u["labels_learned"] for u in updates)
     per_step = [u["s_per_chain_step"] for u in updates if "s_per_chain_step" in u]
     return {
@@ -411,6 +415,8 @@ def cost_figures(steps: dict[str, np.ndarray], interventions: list[dict], update
         "updates": len(updates),
         "labels_per_update": learned / len(updates) if updates else None,
         "median_s_per_chain_step": float(np.median(per_step)) if per_step else None,
+        "final_cycles": len(final),
+        "final_cycles_s": sum(u["update_s"] for u in final),
     }
 
 
