@@ -114,7 +114,7 @@ class UncertaintyConfig(_Strict):
         "rule, the ensemble's σ alone",
     )
     label_misfit_as: Literal["spread", "bias"] = Field(
-        "spread", description="how the label misfit enters the decision: spread, its size raises σ; bias, the "
+        "bias", description="how the label misfit enters the decision: spread, its size raises σ; bias, the "
         "residual carried to the structure (sign and size, to first order) is the error expected there and its "
         "first-order change adds to σ",
     )

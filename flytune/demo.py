@@ -34,8 +34,6 @@ def demo_config(steps: int = 400, cycle_steps: int = 40, max_calls: int | None =
         "structure": "ethanol.xyz", "run_dir": "run", "seed": 1,
         "model.chains": 2, "model.cycle_steps": cycle_steps, "model.eta_max": 1e-3, "model.workers": 2,
         "uncertainty.threshold": DEMO_THRESHOLD_KCAL_MOL, "md.steps": steps,
-        # 31 calls and 2.79x against 41 and 1.98x with "spread" (benchmarks/README.md, 2026-12-06)
-        "uncertainty.label_misfit_as": "bias",
     }
     if max_calls is not None:
         settings["safety.max_reference_calls"] = max_calls

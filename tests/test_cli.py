@@ -157,7 +157,7 @@ def test_demo_config_is_the_example_with_the_demo_cuts(tmp_path):
         "structure": str(tmp_path / "ethanol.xyz"), "run_dir": str(tmp_path / "run"), "seed": 1,
         "model": {"backbone": "7net-0", "chains": 2, "cycle_steps": 40, "eta_max": 1e-3, "workers": 2},
         "reference": {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}},
-        "uncertainty": {"threshold": 1.0, "threshold_unit": "kcal/mol", "label_misfit_as": "bias"},
+        "uncertainty": {"threshold": 1.0, "threshold_unit": "kcal/mol"},
         "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": 400},
     })
     config = load_run_config(path)

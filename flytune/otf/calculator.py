@@ -218,6 +218,9 @@ class OnTheFlyCalculator(Calculator):
         self.on_failure = on_failure
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
+        #: the structure and results of the last step evaluated (a checkpoint written during
+        #: a step, before ASE stores its results, must hold that step's)
+        self._step_results: tuple[Atoms, dict] | None = None
         self.on_step, self.on_intervention, self.on_label = on_step, on_intervention, on_label
         self.on_update = on_update
         #: (labels, reason, force call at its start, seconds its start took) of an update
@@ -404,6 +407,7 @@ class OnTheFlyCalculator(Calculator):
             results.update(energy_std=step.sigma, prob_exceed=verdict.prob_exceed, reference_called=step.called,
                            uncontrolled=uncontrolled, prob_force_exceed=verdict.prob_force_exceed)
             out.append(results)
+            self._step_results = (step.atoms, results)  # a checkpoint written in on_step holds this step
             if self.on_step is not None:
                 self.on_step({"force_call": step.force_call, "walker": step.walker,
                               "energy_eV": results["energy"], "energy_std_eV": step.sigma,
@@ -705,10 +709,12 @@ class OnTheFlyCalculator(Calculator):
     # -- state for checkpoints ------------------------------------------------------
     def state_dict(self) -> dict:
         cache = None
-        if self.atoms is not None and self.results:
-            cache = {"positions": self.atoms.positions.tolist(), "cell": np.asarray(self.atoms.cell).tolist(),
+        atoms, results = self._step_results or (self.atoms, self.results)
+        if atoms is not None and results:
+            cache = {"positions": atoms.positions.tolist(), "cell": np.asarray(atoms.cell).tolist(),
+                     "numbers": atoms.numbers.tolist(), "pbc": atoms.pbc.tolist(),
                      "results": {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
-                                 for k, v in self.results.items()}}
+                                 for k, v in results.items()}}
         schedule = self.schedule.state_dict()
         if self._learning is not None:  # not in the checkpoint's data: waiting again on resume
             schedule["pending"] = [label_record(a) for a in self._learning[0]] + schedule["pending"]
@@ -720,7 +726,10 @@ class OnTheFlyCalculator(Calculator):
 
     def load_state_dict(self, state: dict, atoms: Atoms | None = None) -> None:
         """Restore counters, the labels waiting for an update, each walker's newest label and
-        misfit, and the result cache for ``atoms`` (so no extra call happens)."""
+        misfit, and the result cache for ``atoms`` (so no extra call happens; without
+        ``atoms``, for the structure the cache names: a script that restarts its MD from
+        the last frame it wrote gets that frame's results from the cache, not a new force
+        call)."""
         counters = dict(state["state"])
         last_call = counters.pop("last_call", None)  # a checkpoint from before walkers
         counters.setdefault("time_reference_wall_s", counters.get("time_reference_s", 0.0))  # from before the field
@@ -738,9 +747,11 @@ class OnTheFlyCalculator(Calculator):
             prior = self.decision.force_calibrator  # the settings in force now: a resume may change them
             restored.shape, restored.rate, restored.discount = prior.shape, prior.rate, prior.discount
             self.decision.force_calibrator = restored
+        cache = state.get("cache")
+        if atoms is None and cache is not None and "numbers" in cache:  # a script's calculator: no Atoms yet
+            atoms = Atoms(numbers=cache["numbers"], pbc=cache["pbc"])
         if atoms is None:
             return
-        cache = state.get("cache")
         if cache is not None:
             self.atoms = atoms.copy()
             self.atoms.positions = np.asarray(cache["positions"])
