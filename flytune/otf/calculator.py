@@ -506,9 +506,9 @@ class OnTheFlyCalculator(Calculator):
     def learn_final(self, cycles: int) -> None:
         """At the end of the run: update cycles over all labels, drawn uniformly (no label
         favoured), until ``cycles`` are done since the last label was learned (those done
-        before a kill count: the counter is checkpointed). The MD has no step left to serve, so these cycles only
-        improve the model the run leaves behind (``model.pt``); each is booked as an
-        update with reason ``final``.
+        before a kill count: the counter is checkpointed). The MD has no step left to
+        serve, so these cycles only improve the model the run leaves (``model.pt``); each
+        is booked as an update with reason ``final``.
 
         Raises :class:`UpdateInterrupted` when a stop arrives during a cycle."""
         while self.state.final_cycles < cycles and len(self.ensemble.data):
