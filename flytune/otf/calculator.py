@@ -61,6 +61,29 @@ class UpdateInterrupted(Exception):
     redoes the update in full instead of keeping a cut one."""
 
 
+def result_cache(atoms: Atoms | None, results: dict) -> dict | None:
+    """A force call's structure and results as a checkpoint stores them (JSON), or None
+    before the first; :func:`restore_results` takes them back, so a resume makes no
+    extra force call there."""
+    if atoms is None or not results:
+        return None
+    return {"positions": atoms.positions.tolist(), "cell": np.asarray(atoms.cell).tolist(),
+            "numbers": atoms.numbers.tolist(), "pbc": atoms.pbc.tolist(),
+            "results": {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v for k, v in results.items()}}
+
+
+def restore_results(cache: dict | None, atoms: Atoms | None = None) -> tuple[Atoms, dict] | None:
+    """(structure, results) of a :func:`result_cache`, the structure on a copy of ``atoms``
+    (default: built from the cache's numbers and pbc); None without a cache, or without
+    ``atoms`` for a cache from before those were stored."""
+    if cache is None or (atoms is None and "numbers" not in cache):
+        return None
+    structure = atoms.copy() if atoms is not None else Atoms(numbers=cache["numbers"], pbc=cache["pbc"])
+    structure.positions = np.asarray(cache["positions"])
+    structure.cell = np.asarray(cache["cell"])
+    return structure, {k: np.asarray(v) if isinstance(v, list) else v for k, v in cache["results"].items()}
+
+
 def check_stress_defined(name: str, structure: Atoms | None) -> None:
     """Refuse ``stress`` for a structure that is not periodic in all three directions."""
     if name == "stress" and structure is not None and not structure.pbc.all():
@@ -708,13 +731,7 @@ class OnTheFlyCalculator(Calculator):
 
     # -- state for checkpoints ------------------------------------------------------
     def state_dict(self) -> dict:
-        cache = None
-        atoms, results = self._step_results or (self.atoms, self.results)
-        if atoms is not None and results:
-            cache = {"positions": atoms.positions.tolist(), "cell": np.asarray(atoms.cell).tolist(),
-                     "numbers": atoms.numbers.tolist(), "pbc": atoms.pbc.tolist(),
-                     "results": {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
-                                 for k, v in results.items()}}
+        cache = result_cache(*(self._step_results or (self.atoms, self.results)))
         schedule = self.schedule.state_dict()
         if self._learning is not None:  # not in the checkpoint's data: waiting again on resume
             schedule["pending"] = [label_record(a) for a in self._learning[0]] + schedule["pending"]
@@ -747,14 +764,7 @@ class OnTheFlyCalculator(Calculator):
             prior = self.decision.force_calibrator  # the settings in force now: a resume may change them
             restored.shape, restored.rate, restored.discount = prior.shape, prior.rate, prior.discount
             self.decision.force_calibrator = restored
-        cache = state.get("cache")
-        if atoms is None and cache is not None and "numbers" in cache:  # a script's calculator: no Atoms yet
-            atoms = Atoms(numbers=cache["numbers"], pbc=cache["pbc"])
-        if atoms is None:
-            return
-        if cache is not None:
-            self.atoms = atoms.copy()
-            self.atoms.positions = np.asarray(cache["positions"])
-            self.atoms.cell = np.asarray(cache["cell"])
-            self.results = {k: np.asarray(v) if isinstance(v, list) else v for k, v in cache["results"].items()}
+        restored = restore_results(state.get("cache"), atoms)  # a script's calculator has no Atoms yet
+        if restored is not None:
+            self.atoms, self.results = restored
 

@@ -20,13 +20,12 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 from ase import Atoms
 from ase.calculators.calculator import Calculator, all_changes
 from ase.md.md import MolecularDynamics
 
 from flytune.config import MDConfig
-from flytune.otf.calculator import OnTheFlyCalculator, check_stress_defined
+from flytune.otf.calculator import OnTheFlyCalculator, check_stress_defined, restore_results, result_cache
 
 
 class _Aborted(Exception):
@@ -65,20 +64,13 @@ class WalkerCalculator(Calculator):
 
     def cache(self) -> dict | None:
         """The structure and results of the last force call (for a checkpoint)."""
-        if self.atoms is None or not self.results:
-            return None
-        return {"positions": self.atoms.positions.tolist(), "cell": np.asarray(self.atoms.cell).tolist(),
-                "results": {k: np.asarray(v).tolist() if isinstance(v, np.ndarray) else v
-                            for k, v in self.results.items()}}
+        return result_cache(self.atoms, self.results)
 
     def restore_cache(self, cache: dict | None, atoms: Atoms) -> None:
         """Take back :meth:`cache`'s results for ``atoms``, so that resuming makes no extra call."""
-        if cache is None:
-            return
-        self.atoms = atoms.copy()
-        self.atoms.positions = np.asarray(cache["positions"])
-        self.atoms.cell = np.asarray(cache["cell"])
-        self.results = {k: np.asarray(v) if isinstance(v, list) else v for k, v in cache["results"].items()}
+        restored = restore_results(cache, atoms)
+        if restored is not None:
+            self.atoms, self.results = restored
 
 
 @dataclass
