@@ -216,6 +216,9 @@ def main() -> None:
                              "the entry's name gets _cycles<N>")
     parser.add_argument("--misfit-as", choices=("spread", "bias"),
                         help="[uncertainty] label_misfit_as; the entry's name gets _misfit_<as>")
+    parser.add_argument("--discount", type=float,
+                        help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "
+                             "_discount<γ>")
     add_part_arguments(parser)
     args = parser.parse_args()
     if args.foundation == "restamp":
@@ -236,6 +239,9 @@ def main() -> None:
     if args.misfit_as is not None:
         uncertainty["label_misfit_as"] = args.misfit_as
         name += f"_misfit_{args.misfit_as}"
+    if args.discount is not None:
+        uncertainty["calibration_discount"] = args.discount
+        name += f"_discount{args.discount:g}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
     config = ethanol_config(backbone, folder, args.ps, updates, uncertainty)
     run_dir = Path(config.run_dir)

@@ -7,7 +7,7 @@ from ase.build import bulk, molecule
 
 from conftest import FailingCalculator
 from flytune.errors import FlytuneError
-from flytune.otf.reference import ReferenceFailure, make_reference
+from flytune.otf.reference import Reference, ReferenceFailure, make_reference
 
 
 def test_pyscf_energy_forces_in_ev_and_warm_start():
@@ -54,6 +54,20 @@ def test_tblite_molecule_and_periodic_cell_with_stress():
     si = bulk("Si", "diamond", a=5.43)
     periodic = make_reference("tblite", {"method": "GFN1-xTB"}).compute(si)
     assert periodic.stress.shape == (3, 3) and np.all(np.isfinite(periodic.stress))
+
+
+def test_a_periodic_cell_is_labelled_without_stress_by_a_calculator_that_has_none():
+    from ase.calculators.emt import EMT
+
+    class NoStress(EMT):  # as a stored-data lookup or a code run without stress
+        implemented_properties = ["energy", "forces"]
+
+    cu = bulk("Cu", "fcc", a=3.7, cubic=True)
+    cu.rattle(0.05, seed=1)
+    result = Reference("no-stress", NoStress).compute(cu)
+    full = Reference("emt", EMT).compute(cu)
+    assert result.stress is None and full.stress.shape == (3, 3)
+    assert result.energy == pytest.approx(full.energy) and np.allclose(result.forces, full.forces)
 
 
 def test_retries_count_and_message():

@@ -169,6 +169,9 @@ class Reference:
         # the reference's own forces: an MD constraint (FixCom) projects them, and the
         # projection is not a force any potential can fit (it gives ethanol a net force)
         forces = np.array(work.get_forces(apply_constraint=False), dtype=float)
+        # a calculator that does not compute stress (``implemented_properties``) labels a
+        # periodic cell with energy and forces only
+        want_stress = want_stress and "stress" in getattr(calc, "implemented_properties", ("stress",))
         stress = np.array(work.get_stress(voigt=False), dtype=float) if want_stress else None
         if not (np.isfinite(energy) and np.all(np.isfinite(forces))
                 and (stress is None or np.all(np.isfinite(stress)))):

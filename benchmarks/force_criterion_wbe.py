@@ -1,0 +1,155 @@
+"""The force criterion on a periodic cell (issue 28.2): an on-the-fly run replayed along the
+W–Be PBE DFT-MD trajectory (Be36W12, 48 atoms, 300 K, ``wbe_l12_dftmd_fitsnap``).
+
+The trajectory is fixed: every ``--every``-th of its 1104 frames is handed in turn to
+flytune's ASE calculator, and the "reference" returns that frame's stored DFT energy and
+forces (a lookup, 0 s per call). What the replay measures is therefore the decision, not
+the dynamics: where each rule calls, and how large the errors are on the frames it did not
+call, which the stored DFT labels give for every frame.
+
+Two arms, the same foundation (SevenNet-0 as shipped), posterior (2 chains × 50 SGHMC
+steps, 2 workers) and update policy (the default, deferred):
+
+- ``energy``: ``criterion = "energy"``, ε = ``--energy-threshold`` kcal/mol per cell;
+- ``forces``: ``criterion = "forces"``, ε_F = ``--force-threshold`` eV/Å on the largest
+  error of one atom's force vector (ε still set, for the critical-update rule).
+
+Both arms score the force errors at their calls (``force_exceed_fraction``) beside the
+energy errors (``exceed_fraction``), and every frame without a call against the DFT label:
+the fraction with |e| > ε, the fraction with max_a |ΔF_a| > ε_F, and the force RMSE. Each
+arm keeps a run directory in ``benchmarks/runs/force_criterion_wbe_<arm>/`` and a record of
+its frames there; a stopped arm resumes from its checkpoint. Results:
+``results/force_criterion_wbe.json``.
+
+    .venv/bin/python benchmarks/force_criterion_wbe.py [--arms energy,forces] [--every 4] [--hours H]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+from ase.calculators.calculator import Calculator, all_changes
+from common import DATA, ROOT, update_results
+
+import flytune
+from flytune.data import read_labelled
+from flytune.units import KCAL_MOL
+
+WBE = DATA / "wbe_l12_dftmd_fitsnap" / "WBeL12_MD300K.extxyz"
+POSTERIOR = {"chains": 2, "cycle_steps": 50, "eta_max": 3e-4, "workers": 2}
+
+
+class StoredFrames(Calculator):
+    """The reference of the replay: the stored DFT energy (eV) and forces (eV/Å) of the
+    frame at these positions; a structure that is not one of them is an error."""
+
+    implemented_properties = ["energy", "forces"]
+
+    def __init__(self, frames):
+        super().__init__()
+        self.labels = {self.key(a): (a.get_potential_energy(), a.get_forces()) for a in frames}
+
+    @staticmethod
+    def key(atoms) -> bytes:
+        return np.round(atoms.positions, 4).tobytes()
+
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        super().calculate(atoms, properties, system_changes)
+        energy, forces = self.labels[self.key(self.atoms)]
+        self.results = {"energy": energy, "forces": forces.copy()}
+
+
+def arm_settings(arm: str, force_eV_A: float) -> dict:
+    """``[uncertainty]`` and ``[model]`` keywords of ``arm`` ("energy" or "forces")."""
+    criterion = {"energy": "energy", "forces": "forces"}[arm]
+    return {"criterion": criterion, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A", **POSTERIOR}
+
+
+def replay(arm: str, frames, energy_kcal: float, force_eV_A: float, deadline: float) -> dict | None:
+    """Replay ``frames`` through the calculator of ``arm``; the figures, or None when the
+    deadline stopped it (the run directory and frame record resume it)."""
+    folder = ROOT / "benchmarks" / "runs" / f"force_criterion_wbe_{arm}"
+    folder.mkdir(parents=True, exist_ok=True)
+    record = folder / "frames.jsonl"
+    with flytune.OnTheFlyCalculator.from_pretrained(
+        "7net-0", reference=StoredFrames(frames), threshold=(energy_kcal, "kcal/mol"), seed=1,
+        run_dir=str(folder / "run"), checkpoint_every=10, **arm_settings(arm, force_eV_A),
+    ) as calc:
+        done = calc.state.force_calls
+        rows = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
+        rows = rows[:done]  # frames after the checkpoint are replayed again (their labels are reused)
+        record.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with record.open("a") as out:
+            for i in range(done, len(frames)):
+                if time.monotonic() > deadline:
+                    return None
+                atoms = frames[i].copy()
+                atoms.calc = calc
+                forces = atoms.get_forces()
+                r = calc.results
+                row = {"frame": i, "energy_eV": float(r["energy"]), "called": bool(r["reference_called"]),
+                       "prob_exceed": float(r["prob_exceed"]),
+                       "force_error_max_eV_A": float(np.linalg.norm(forces - frames[i].get_forces(), axis=1).max()),
+                       "force_rmse_eV_A": float(np.sqrt(np.mean((forces - frames[i].get_forces()) ** 2))),
+                       "energy_dft_eV": float(frames[i].get_potential_energy())}
+                out.write(json.dumps(row) + "\n")
+                out.flush()
+                rows.append(row)
+    summary = json.loads((folder / "run" / "summary.json").read_text())
+    return figures(rows, summary, folder, energy_kcal, force_eV_A)
+
+
+def figures(rows: list[dict], summary: dict, folder, energy_kcal: float, force_eV_A: float) -> dict:
+    """Calls and errors of one arm: at its calls (from the run's summary) and on every frame
+    without a call (against the stored DFT labels; the energy offset Δ of the run's first call)."""
+    first = json.loads((folder / "run" / "interventions.jsonl").read_text().splitlines()[0])
+    offset = first["energy_ref"] - first["energy_ref_raw"]
+    free = [r for r in rows if not r["called"]]
+    e_err = np.array([r["energy_eV"] - (r["energy_dft_eV"] + offset) for r in free])
+    f_max = np.array([r["force_error_max_eV_A"] for r in free])
+    f_rmse = np.array([r["force_rmse_eV_A"] for r in free])
+    eps = energy_kcal * KCAL_MOL
+    return {
+        "frames": len(rows), "reference_calls": summary["reference_calls"], "updates": summary["updates"],
+        "calls_by_reason": summary["calls_by_reason"],
+        "exceed_fraction": summary["exceed_fraction"], "force_exceed_fraction": summary["force_exceed_fraction"],
+        "rmse_at_interventions_kcal": summary["rmse_at_interventions_kcal"],
+        "uncalled_frames": len(free),
+        "uncalled_energy_exceed_fraction": float(np.mean(np.abs(e_err) > eps)) if free else None,
+        "uncalled_force_exceed_fraction": float(np.mean(f_max > force_eV_A)) if free else None,
+        "uncalled_energy_rmse_kcal": float(np.sqrt(np.mean(e_err**2)) / KCAL_MOL) if free else None,
+        "uncalled_force_rmse_eV_A": float(np.sqrt(np.mean(f_rmse**2))) if free else None,
+        "uncalled_force_error_max_eV_A": float(f_max.max()) if free else None,
+        "steps_uncontrolled": summary["steps_uncontrolled"], "wall_s": summary["wall_s"],
+        "time_update_s": summary["time_update_s"], "calibration": summary["calibration"],
+        "force_calibration": summary.get("force_calibration"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", default="energy,forces")
+    parser.add_argument("--every", type=int, default=4, help="replay every n-th frame of the 1104")
+    parser.add_argument("--energy-threshold", type=float, default=3.0, help="ε, kcal/mol per 48-atom cell")
+    parser.add_argument("--force-threshold", type=float, default=0.5, help="ε_F, eV/Å")
+    parser.add_argument("--hours", type=float, default=24.0, help="stop (resumably) after this long")
+    args = parser.parse_args()
+    deadline = time.monotonic() + 3600 * args.hours
+    frames = read_labelled(WBE)[:: args.every]
+    for arm in args.arms.split(","):
+        result = replay(arm, frames, args.energy_threshold, args.force_threshold, deadline)
+        if result is None:
+            print(f"{arm}: stopped at the deadline; run again to resume")
+            return
+        result.update(settings={"every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
+                                "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR,
+                                "foundation": "7net-0"})
+        print(arm, json.dumps(result, indent=2))
+        update_results("force_criterion_wbe", arm, result)
+
+
+if __name__ == "__main__":
+    main()
