@@ -7,8 +7,11 @@ forces (a lookup, 0 s per call). What the replay measures is therefore the decis
 the dynamics: where each rule calls, and how large the errors are on the frames it did not
 call, which the stored DFT labels give for every frame.
 
-Two arms, the same foundation (SevenNet-0 as shipped), posterior (2 chains × 50 SGHMC
-steps, 2 workers) and update policy (the default, deferred):
+Two arms, the same foundation (SevenNet-0 as shipped), posterior (2 chains × 30 SGHMC
+steps on batches of 2 labels, 2 workers: an update of 50 steps on this 48-atom metal costs
+minutes on 2 cores) and updates (deferred, as for updates that cost many calls; with a 0-s
+reference the cost rule never fires, so updates come after critical errors or 16 waiting
+labels):
 
 - ``energy``: ``criterion = "energy"``, ε = ``--energy-threshold`` kcal/mol per cell;
 - ``forces``: ``criterion = "forces"``, ε_F = ``--force-threshold`` eV/Å on the largest
@@ -39,7 +42,8 @@ from flytune.data import read_labelled
 from flytune.units import KCAL_MOL
 
 WBE = DATA / "wbe_l12_dftmd_fitsnap" / "WBeL12_MD300K.extxyz"
-POSTERIOR = {"chains": 2, "cycle_steps": 50, "eta_max": 3e-4, "workers": 2}
+POSTERIOR = {"chains": 2, "cycle_steps": 30, "batch_size": 2, "eta_max": 3e-4, "workers": 2}
+UPDATES = {"policy": "deferred"}
 
 
 class StoredFrames(Calculator):
@@ -65,7 +69,7 @@ class StoredFrames(Calculator):
 def arm_settings(arm: str, force_eV_A: float) -> dict:
     """``[uncertainty]`` and ``[model]`` keywords of ``arm`` ("energy" or "forces")."""
     criterion = {"energy": "energy", "forces": "forces"}[arm]
-    return {"criterion": criterion, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A", **POSTERIOR}
+    return {"criterion": criterion, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A", **POSTERIOR, **UPDATES}
 
 
 def replay(arm: str, frames, energy_kcal: float, force_eV_A: float, deadline: float) -> dict | None:
@@ -145,7 +149,7 @@ def main() -> None:
             print(f"{arm}: stopped at the deadline; run again to resume")
             return
         result.update(settings={"every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
-                                "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR,
+                                "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR, "updates": UPDATES,
                                 "foundation": "7net-0"})
         print(arm, json.dumps(result, indent=2))
         update_results("force_criterion_wbe", arm, result)

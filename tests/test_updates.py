@@ -70,6 +70,20 @@ def test_by_default_an_error_outside_the_promise_updates_at_once():
     assert len(schedule.take()) == 2
 
 
+def test_under_a_force_criterion_a_force_error_outside_the_promise_updates_at_once():
+    eps_f = 0.3  # ε_F, eV/Å
+    schedule = UpdateSchedule(UpdatesConfig(policy="deferred", max_pending=100), threshold_eV=EPS,
+                              force_threshold_eV_A=eps_f)
+    energy_only = deferred(max_pending=100)
+    for s in (schedule, energy_only):
+        s.add(label(0), error_eV=0.0, reference_s=0.1, first=True)
+        s.take()
+        s.updated(100.0)
+    assert schedule.add(label(1), error_eV=0.0, reference_s=0.1, force_error_eV_A=0.99 * eps_f) is None
+    assert schedule.add(label(2), error_eV=0.0, reference_s=0.1, force_error_eV_A=1.01 * eps_f) == "critical"
+    assert energy_only.add(label(2), error_eV=0.0, reference_s=0.1, force_error_eV_A=10.0) is None
+
+
 def test_critical_misses_wait_while_the_last_update_missed_its_own_label():
     """An update that did not learn its newest label would be repeated in vain by the next
     critical miss (SevenNet-0 ethanol: 12 such updates in a row): critical labels then wait

@@ -237,7 +237,8 @@ class OnTheFlyCalculator(Calculator):
             spread_threshold_eV=u.spread_fraction * (u.threshold_eV if threshold is None else threshold),
             force_deviation_threshold_eV_A=u.force_deviation_threshold_eV_A,
         )
-        self.schedule = UpdateSchedule(updates, self.decision.threshold_eV)
+        self.schedule = UpdateSchedule(updates, self.decision.threshold_eV,
+                                       None if self.decision.criterion == "energy" else self.decision.force_threshold_eV_A)
         self.on_failure = on_failure
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
@@ -692,7 +693,8 @@ class OnTheFlyCalculator(Calculator):
                 self.decision.observe(step.error, step.sigma, step.error_mean)  # σ, μ predicted before the update
                 self.decision.observe_forces(force_error, step.forces_var)
             self.state.time_reference_s += reference_s
-            reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first)
+            reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first,
+                                       force_error_eV_A=step.force_error_max)
             reasons.append(reason)
             step.waits_because = self.schedule.waits_because
             self.newest[step.walker] = label

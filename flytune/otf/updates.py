@@ -11,7 +11,9 @@ one cycle per chain, at the first of:
 1. ``first``: the first label of a run (it also measures what an update costs; until
    that measurement exists, rule 4 waits);
 2. ``critical``: a label whose error |e| > ``critical_factor``·ε (the ensemble is badly
-   wrong here; refit now), unless the last update did not learn its own newest label:
+   wrong here; refit now), or, when the decision bounds the forces (``criterion =
+   "forces"`` or ``"both"``), whose largest atom force error max_a |ΔF_a| >
+   ``critical_factor``·ε_F, unless the last update did not learn its own newest label:
    it left a misfit there that alone keeps P(|e| > ε) above the call level, so it did
    not end the calls nearby, which is what the rule pays an update for. An update at
    once would then most likely repeat the miss (measured: SevenNet-0 on ethanol, 12
@@ -57,11 +59,14 @@ class ScheduleState:
 
 class UpdateSchedule:
     """Decides, after each label, whether the posterior update runs now (see the module
-    docstring); ``threshold_eV`` is ε."""
+    docstring); ``threshold_eV`` is ε, ``force_threshold_eV_A`` ε_F where the decision
+    bounds the forces (None: critical misses are judged by the energy alone)."""
 
-    def __init__(self, config: UpdatesConfig | None = None, threshold_eV: float = 1.0):
+    def __init__(self, config: UpdatesConfig | None = None, threshold_eV: float = 1.0,
+                 force_threshold_eV_A: float | None = None):
         self.config = config or UpdatesConfig()
         self.threshold_eV = threshold_eV
+        self.force_threshold_eV_A = force_threshold_eV_A
         self.state = ScheduleState()
         #: why the label just added waits although its error was critical, else ""
         self.waits_because = ""
@@ -70,8 +75,10 @@ class UpdateSchedule:
     def pending(self) -> list[Atoms]:
         return self.state.pending
 
-    def add(self, label: Atoms, *, error_eV: float, reference_s: float, first: bool = False) -> str | None:
-        """Queue ``label``; the reason to update now (``"every"``, ``"first"``,
+    def add(self, label: Atoms, *, error_eV: float, reference_s: float, first: bool = False,
+            force_error_eV_A: float = 0.0) -> str | None:
+        """Queue ``label`` (its energy error ``error_eV``, its largest atom force error
+        ``force_error_eV_A``); the reason to update now (``"every"``, ``"first"``,
         ``"critical"``, ``"max pending"``, ``"cost"``), or None to wait."""
         s, c = self.state, self.config
         s.pending.append(label)
@@ -81,7 +88,9 @@ class UpdateSchedule:
             return "every"
         if first or not s.started:
             return "first"
-        if abs(error_eV) > c.critical_factor * self.threshold_eV:
+        force_critical = (self.force_threshold_eV_A is not None
+                          and force_error_eV_A > c.critical_factor * self.force_threshold_eV_A)
+        if abs(error_eV) > c.critical_factor * self.threshold_eV or force_critical:
             if not s.missed:
                 return "critical"
             self.waits_because = "critical, but the last update missed its own newest label"
