@@ -112,6 +112,27 @@ def replay(name: str, foundation: str, arm: str, frames, energy_kcal: float, for
     return {"complete": len(rows) == len(frames), **figures(rows, summary, folder, energy_kcal, force_eV_A)}
 
 
+def so_far(name: str, energy_kcal: float, force_eV_A: float) -> dict:
+    """The figures of a stopped arm from its frame record and logs (no ``summary.json``
+    needed: a killed arm has none): the frames replayed and the calls among them."""
+    from collections import Counter
+
+    from flytune.otf.rundir import force_exceed_fraction, intervention_figures
+
+    folder = ROOT / "benchmarks" / "runs" / f"force_criterion_wbe_{name}"
+    rows = [json.loads(line) for line in (folder / "frames.jsonl").read_text().splitlines()]
+    read = lambda f: [json.loads(line) for line in (folder / "run" / f).read_text().splitlines()]  # noqa: E731
+    calls = [r for r in read("interventions.jsonl") if r["step"] < len(rows)]
+    exceed, rmse = intervention_figures(calls, energy_kcal * KCAL_MOL)
+    summary = {"reference_calls": len(calls), "calls_by_reason": dict(Counter(r["reason"] for r in calls)),
+               "updates": sum(u["step"] < len(rows) and u["reason"] != "final" for u in read("updates.jsonl")),
+               "exceed_fraction": exceed, "rmse_at_interventions_kcal": rmse / KCAL_MOL,
+               "force_exceed_fraction": force_exceed_fraction(calls, force_eV_A), "steps_uncontrolled": None,
+               "wall_s": None, "time_update_s": None,
+               "calibration": {"shape": calls[-1]["shape"], "rate": calls[-1]["rate"]}}
+    return {"complete": False, **figures(rows, summary, folder, energy_kcal, force_eV_A)}
+
+
 def figures(rows: list[dict], summary: dict, folder, energy_kcal: float, force_eV_A: float) -> dict:
     """Calls and errors of one arm: at its calls (from the run's summary) and on every frame
     without a call (against the stored DFT labels; the energy offset Δ of the run's first call)."""
@@ -152,21 +173,27 @@ def main() -> None:
     parser.add_argument("--force-threshold", type=float, default=0.3, help="ε_F, eV/Å")
     parser.add_argument("--eta-max", type=float, help="[model] eta_max (default: the foundation's); the "
                         "entry's name gets _eta<η>")
+    parser.add_argument("--so-far", action="store_true",
+                        help="store the figures of the arms' frames replayed so far, from their run directories, "
+                             "without running")
     parser.add_argument("--hours", type=float, default=24.0, help="stop (resumably) after this long")
     args = parser.parse_args()
     deadline = time.monotonic() + 3600 * args.hours
     frames = read_labelled(WBE)[args.start :: args.every]
     for arm in args.arms.split(","):
         name = f"{args.foundation}_{arm}" + (f"_eta{args.eta_max:g}" if args.eta_max is not None else "")
-        result = replay(name, args.foundation, arm, frames, args.energy_threshold, args.force_threshold, args.eta_max,
-                        deadline)
+        if args.so_far:
+            result = so_far(name, args.energy_threshold, args.force_threshold)
+        else:
+            result = replay(name, args.foundation, arm, frames, args.energy_threshold, args.force_threshold,
+                            args.eta_max, deadline)
         result.update(settings={"start": args.start, "every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
                                 "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR, "updates": UPDATES,
                                 "foundation": args.foundation, "eta_max": args.eta_max})
         print(arm, json.dumps(result, indent=2))
         update_results("force_criterion_wbe", name, result)
         if not result["complete"]:
-            print(f"{arm}: stopped at the deadline after {result['frames']} frames; run again to resume")
+            print(f"{arm}: {result['frames']} frames so far; run again (without --so-far) to resume")
             return
 
 
