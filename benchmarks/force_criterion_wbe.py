@@ -3,15 +3,16 @@ W–Be PBE DFT-MD trajectory (Be36W12, 48 atoms, 300 K, ``wbe_l12_dftmd_fitsnap`
 
 The trajectory is fixed: from frame ``--start`` (552: the 300 K equilibrium half) on,
 every ``--every``-th of its 1104 frames is handed in turn to flytune's ASE calculator, and
-the "reference" returns that frame's stored DFT energy and forces (a lookup, 0 s per call). What the replay measures is therefore the decision, not
-the dynamics: where each rule calls, and how large the errors are on the frames it did not
-call, which the stored DFT labels give for every frame.
+the "reference" returns that frame's stored DFT energy and forces (a lookup, 0 s per
+call). What the replay measures is therefore the decision, not the dynamics: where each
+rule calls, and how large the errors are on the frames it did not call, which the stored
+DFT labels give for every frame.
 
 Two arms, the same foundation (CHGNet 0.3.0 as shipped, its family defaults: η_max 3e-3,
 σ_p 0.2; or SevenNet-0 with ``--foundation 7net-0``: a chain-step on this 48-atom metal
 took 13 s against CHGNet's 5 s in short trials on 2 shared cores), posterior (2 chains ×
-100 SGHMC steps on batches of 2 labels, 2 workers; with 30 steps CHGNet missed the labels
-it had just learned by 3–7 kcal/mol per cell and called at every frame) and updates
+100 SGHMC steps on batches of 2 labels, 2 workers; with 30 steps at η_max 3e-3 CHGNet
+missed the labels it had just learned by 3–7 kcal/mol per cell and called at every frame) and updates
 (deferred, as for updates that cost many calls; with a 0-s reference the cost rule never
 fires, so updates come after critical errors or 16 waiting labels):
 
@@ -26,7 +27,7 @@ arm keeps a run directory in ``benchmarks/runs/force_criterion_wbe_<entry>/``
 and a record of its frames there; a stopped arm resumes from its checkpoint. Results:
 ``results/force_criterion_wbe.json`` under ``<foundation>_<arm>[_eta<η>]``.
 
-    .venv/bin/python benchmarks/force_criterion_wbe.py [--foundation chgnet] [--arms forces,energy] [--start 552] [--every 4]
+    .venv/bin/python benchmarks/force_criterion_wbe.py --eta-max 3e-4 [--arms forces,energy] [--so-far]
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def main() -> None:
     parser.add_argument("--arms", default="forces,energy")
     parser.add_argument("--start", type=int, default=552,
                         help="first frame replayed: frames 0-400 thermalise from the ideal lattice (the DFT energy "
-                             "rises by 70 kcal/mol per cell, and both foundations miss that rise by 20-40 kcal/mol); "
+                             "rises by 70 kcal/mol per cell, and both foundations miss much of that rise); "
                              "the second half is the 300 K equilibrium")
     parser.add_argument("--every", type=int, default=4, help="replay every n-th frame from --start")
     parser.add_argument("--energy-threshold", type=float, default=2.0, help="ε, kcal/mol per 48-atom cell")
@@ -187,9 +188,10 @@ def main() -> None:
         else:
             result = replay(name, args.foundation, arm, frames, args.energy_threshold, args.force_threshold,
                             args.eta_max, deadline)
-        result.update(settings={"start": args.start, "every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
-                                "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR, "updates": UPDATES,
-                                "foundation": args.foundation, "eta_max": args.eta_max})
+        result.update(settings={
+            "start": args.start, "every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
+            "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR, "updates": UPDATES,
+            "foundation": args.foundation, "eta_max": args.eta_max})
         print(arm, json.dumps(result, indent=2))
         update_results("force_criterion_wbe", name, result)
         if not result["complete"]:
