@@ -193,6 +193,7 @@ def test_force_criterion_decides_on_the_largest_atom_force_error(workdir, force_
     again.load_state_dict(calc.state_dict())
     assert again.decision.force_calibrator == calc.decision.force_calibrator
     assert again.decision.criterion == "forces" and again.decision.force_threshold_eV_A == force_threshold
+    assert calc.schedule.force_threshold_eV_A == force_threshold  # its force misses are critical too
 
 
 @pytest.mark.parametrize("deviation_threshold", [1e-9, 1.0])

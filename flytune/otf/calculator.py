@@ -237,8 +237,8 @@ class OnTheFlyCalculator(Calculator):
             spread_threshold_eV=u.spread_fraction * (u.threshold_eV if threshold is None else threshold),
             force_deviation_threshold_eV_A=u.force_deviation_threshold_eV_A,
         )
-        self.schedule = UpdateSchedule(updates, self.decision.threshold_eV,
-                                       None if self.decision.criterion == "energy" else self.decision.force_threshold_eV_A)
+        d = self.decision  # under a force criterion, force errors above ε_F are critical misses too
+        self.schedule = UpdateSchedule(updates, d.threshold_eV, None if d.criterion == "energy" else d.force_threshold_eV_A)
         self.on_failure = on_failure
         self.state = CalculatorState()
         self.pending: list[PendingLabel] = []
