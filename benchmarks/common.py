@@ -189,6 +189,8 @@ def fit_and_score(train, validation, test, config, offline, force_error_threshol
         "force_rmse": metrics["force_rmse_kcal"],
         "force_mll": metrics["force_mll_recalibrated_kcal"],
         "force_auc_roc": metrics["force_auc_roc"],
+        "force_auc_roc_spread": metrics["force_auc_roc_spread"],
+        "force_auc_roc_sigma_head": metrics["force_auc_roc_sigma_head"],
         "energy_rmse": metrics["energy_rmse_kcal"],
         "force_mll_uncalibrated": metrics["force_mll_kcal"],
         "calibration_factor_validation": val["calibration_factor"],

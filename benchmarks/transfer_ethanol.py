@@ -94,25 +94,33 @@ def _energy_force_errors(backbone, frames, offset: float, batch: int = 20):
     return np.array(e_err), np.concatenate(f_err)
 
 
-def pretrain_on_pbe() -> dict:
-    """Fine-tune SevenNet-0 on the PBE frames (Adam, cosine decay), save a SevenNet checkpoint.
+def pretrain(train, test, cfg: dict, path, curve_every: int = 0) -> dict:
+    """Fine-tune SevenNet-0 on labelled ``train`` frames (Adam, cosine decay), save a
+    SevenNet checkpoint at ``path``, and score it on ``test`` before and after.
 
-    Loss: w_E·mean((ΔE/n_atoms)²) + mean(ΔF²) in eV units. PBE/def2-SVP total energies
-    and SevenNet-0's differ by a constant (one composition), so E_PBE − Δ is the
-    target, Δ = mean(E_PBE − E_SevenNet-0) over the training frames.
+    Loss: w_E·mean((ΔE/n_atoms)²) + mean(ΔF²) in eV units (w_E = ``cfg["energy_weight"]``;
+    0 trains on forces alone). The data's total energies and SevenNet-0's differ by a
+    constant (one composition), so E − Δ is the target, Δ = mean(E − E_SevenNet-0) over
+    ``train``. With ``curve_every`` > 0 the test errors are also recorded every that many
+    steps (``curve``), so one run shows whether more steps would still help.
     """
-    cfg = SETTINGS["pretrain"]
     torch.manual_seed(cfg["seed"])
     backbone = load_backbone("7net-0")
-    train, test = read_labelled(PBE_TRAIN), read_labelled(PBE_TEST, "0:200")
     pred = np.concatenate([backbone(backbone.batch(train[i : i + 50])).energy.detach().numpy()
                            for i in range(0, len(train), 50)])
     offset = float(np.mean([labels_of(a).energy for a in train]) - np.mean(pred))
-    before = _energy_force_errors(backbone, test, offset)
+    rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)
+
+    def score() -> dict:
+        e, f = _energy_force_errors(backbone, test, offset)
+        return {"energy_rmse_kcal_per_atom": rmse(e), "force_rmse_kcal": rmse(f)}
+
+    before = score()
     params = [p for p in backbone.parameters() if p.requires_grad]
     optimiser = torch.optim.Adam(params, lr=cfg["lr"])
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, cfg["steps"], eta_min=cfg["lr_end"])
     rng = np.random.default_rng(cfg["seed"])
+    curve = []
     start = time.perf_counter()
     for step in range(cfg["steps"]):
         chunk = [train[i] for i in rng.choice(len(train), cfg["batch"], replace=False)]
@@ -128,22 +136,30 @@ def pretrain_on_pbe() -> dict:
         schedule.step()
         if step % 100 == 0:
             print(f"pretrain step {step}: loss {loss.item():.4g}", flush=True)
-    after = _energy_force_errors(backbone, test, offset)
-    WORK.mkdir(parents=True, exist_ok=True)
-    backbone.save_checkpoint(PBE_CHECKPOINT)
-    rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)
-    return {
-        "data": "ethanol_rmd17_pbe_botnet/train.xyz (1000 PBE/def2-SVP frames); test: first 200 of test_MD.xyz",
-        "settings": cfg,
-        "wall_s": time.perf_counter() - start,
-        "test_before": {"energy_rmse_kcal_per_atom": rmse(before[0]), "force_rmse_kcal": rmse(before[1])},
-        "test_after": {"energy_rmse_kcal_per_atom": rmse(after[0]), "force_rmse_kcal": rmse(after[1])},
-    }
+        if curve_every and (step + 1) % curve_every == 0 and step + 1 < cfg["steps"]:
+            curve.append({"step": step + 1, "s": time.perf_counter() - start, **score()})
+            print(f"pretrain step {step + 1}: test {curve[-1]}", flush=True)
+    wall = time.perf_counter() - start
+    after = score()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    backbone.save_checkpoint(path)
+    return {"settings": cfg, "wall_s": wall, "test_before": before, "test_after": after,
+            **({"curve": curve + [{"step": cfg["steps"], "s": wall, **after}]} if curve_every else {})}
+
+
+def pretrain_on_pbe() -> dict:
+    """The table's ethanol-PBE foundation: :func:`pretrain` on the 1000 PBE training
+    frames with ``SETTINGS["pretrain"]``, scored on the first 200 PBE test frames."""
+    result = pretrain(read_labelled(PBE_TRAIN), read_labelled(PBE_TEST, "0:200"), SETTINGS["pretrain"], PBE_CHECKPOINT)
+    return {"data": "ethanol_rmd17_pbe_botnet/train.xyz (1000 PBE/def2-SVP frames); test: first 200 of test_MD.xyz",
+            **result}
 
 
 # -- one (method, N) --------------------------------------------------------------------
-def run_one(method: str, train, validation, test, seed: int, initial_steps: int) -> dict:
-    backbone = str(PBE_CHECKPOINT) if method == "transfer_pbe" else "7net-0"
+def run_one(method: str, train, validation, test, seed: int, initial_steps: int, foundation=None) -> dict:
+    """Offline fit and test scores of one method; ``foundation`` (a checkpoint path)
+    replaces the PBE foundation of ``transfer_pbe``."""
+    backbone = str(foundation or PBE_CHECKPOINT) if method == "transfer_pbe" else "7net-0"
     prior = "transfer" if method.startswith("transfer") else "uninformative"
     config = ModelConfig(backbone=backbone, prior=prior, chains=SETTINGS["chains"], workers=2, threads_per_worker=1)
     offline = OfflineConfig(initial_steps=initial_steps, eta_start=SETTINGS["eta_start"],

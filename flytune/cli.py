@@ -60,6 +60,8 @@ def print_metrics(results: dict[str, dict]) -> None:
         ("force MLL", "force_mll", "per component"),
         ("force MLL, recalibrated", "force_mll_recalibrated", "per component"),
         ("force AUC-ROC", "force_auc_roc", ""),
+        ("force AUC-ROC, spread only", "force_auc_roc_spread", ""),
+        ("force AUC-ROC, σ_F head only", "force_auc_roc_sigma_head", ""),
         ("calibration factor", "calibration_factor", "on σ²"),
     ]
     table = Table(title="evaluation (kcal/mol-based units)")

@@ -5,7 +5,10 @@ Keys (ASE units; the same with a ``_kcal`` suffix in kcal/mol-based units):
 ``force_mll`` (mean Gaussian log-likelihood of the force components under the
 predicted mean and total variance), ``force_mll_recalibrated`` (the same with the
 variances scaled by ``calibration_factor``), ``force_auc_roc`` (AUC-ROC of the
-predicted σ for detecting components with |error| above a threshold) and
+predicted σ for detecting components with |error| above a threshold), the same AUC of
+each part of that σ alone where the ensemble gives them (``force_auc_roc_spread``: the
+members' disagreement; ``force_auc_roc_sigma_head``: the likelihood's σ_F head; which
+part ranks the errors, :func:`force_variance_parts`) and
 ``calibration_factor`` c = mean(e²)/mean(σ²), the factor on the predicted variance that
 would match it to the observed mean squared error (or the factor given, e.g. one fitted
 on a validation set).
@@ -52,22 +55,41 @@ def gaussian_mll(errors: np.ndarray, variances: np.ndarray) -> float:
     return float(np.mean(-0.5 * errors**2 / variances - 0.5 * np.log(2 * np.pi * variances)))
 
 
+def force_variance_parts(force_var: np.ndarray, force_deviation: np.ndarray, n_members: int) -> dict[str, np.ndarray]:
+    r"""Split the total force variance (A, 3) of an M-member ensemble into its two parts,
+    per component (eV²/Å²), from each atom's member deviation d_a (:func:`~flytune.bayes.
+    ensemble.force_deviation`, (A,)):
+
+        spread_a   = d_a² · M / (M − 1) / 3        (Var_m of the member forces, ddof 1,
+                                                    averaged over the 3 components)
+        sigma_head = mean_c σ²_{a,c} − spread_a     (mean over members of σ_F², clipped at 0)
+
+    The spread is 0 for one member. Each is constant over an atom's components.
+    """
+    spread = force_deviation**2 * n_members / (n_members - 1) / 3 if n_members > 1 else np.zeros(len(force_var))
+    head = np.clip(np.asarray(force_var).mean(axis=1) - spread, 0.0, None)
+    return {"spread": np.repeat(spread[:, None], 3, axis=1), "sigma_head": np.repeat(head[:, None], 3, axis=1)}
+
+
 def error_metrics(
     energy_error: np.ndarray,
     force_error: np.ndarray,
     force_var: np.ndarray,
     force_error_threshold: float = KCAL_MOL,
     calibration_factor: float | None = None,
+    force_var_parts: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Metrics of energy errors (S,) and force-component errors/variances (A, 3), eV units.
 
     ``force_mll_recalibrated`` scales the variances by ``calibration_factor`` (e.g. fitted
-    on a validation set); by default by c = mean(e²)/mean(σ²) of these errors.
+    on a validation set); by default by c = mean(e²)/mean(σ²) of these errors. Each entry
+    of ``force_var_parts`` (a part of ``force_var``, (A, 3)) adds ``force_auc_roc_<name>``.
     """
     if calibration_factor is None:
         c = float(np.mean(force_error**2) / np.mean(force_var))
     else:
         c = float(calibration_factor)
+    large = np.abs(force_error) > force_error_threshold
     out = {
         "energy_rmse": float(np.sqrt(np.mean(energy_error**2))),
         "energy_mae": float(np.mean(np.abs(energy_error))),
@@ -75,14 +97,16 @@ def error_metrics(
         "force_mae": float(np.mean(np.abs(force_error))),
         "force_mll": gaussian_mll(force_error, force_var),
         "force_mll_recalibrated": gaussian_mll(force_error, c * force_var),
-        "force_auc_roc": roc_auc(np.sqrt(force_var), np.abs(force_error) > force_error_threshold),
+        "force_auc_roc": roc_auc(np.sqrt(force_var), large),
         "calibration_factor": c,
     }
+    for name, part in (force_var_parts or {}).items():
+        out[f"force_auc_roc_{name}"] = roc_auc(np.sqrt(part), large)
     for key in ("energy_rmse", "energy_mae", "force_rmse", "force_mae"):
         out[f"{key}_kcal"] = out[key] / KCAL_MOL
     for key in ("force_mll", "force_mll_recalibrated"):
         out[f"{key}_kcal"] = out[key] + LOG_KCAL
-    for key in ("force_auc_roc", "calibration_factor"):
+    for key in [k for k in out if k.startswith("force_auc_roc")] + ["calibration_factor"]:
         out[f"{key}_kcal"] = out[key]
     return out
 
@@ -108,7 +132,8 @@ def evaluate(
     pred = ensemble.predict(structures, batch_size=batch_size)
     energy_error = np.array([lab.energy + offset for lab in labels]) - pred.energy
     force_error = np.concatenate([lab.forces for lab in labels]) - pred.forces
-    metrics = error_metrics(energy_error, force_error, pred.forces_var, force_error_threshold, calibration_factor)
+    parts = force_variance_parts(pred.forces_var, pred.force_deviation, len(ensemble.members))
+    metrics = error_metrics(energy_error, force_error, pred.forces_var, force_error_threshold, calibration_factor, parts)
     metrics.update(
         n_structures=len(structures),
         n_members=len(ensemble.members),

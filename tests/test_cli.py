@@ -51,10 +51,11 @@ def test_finetune_then_evaluate(monkeypatch, capsys, tmp_path, train_file, test_
                                 "--json", str(report))
     assert code == 0, err
     metrics = json.loads(report.read_text())
-    for key in ("energy_rmse", "force_rmse", "force_mae", "force_mll", "force_auc_roc", "calibration_factor"):
+    for key in ("energy_rmse", "force_rmse", "force_mae", "force_mll", "force_auc_roc", "force_auc_roc_spread",
+                "force_auc_roc_sigma_head", "calibration_factor"):
         assert np.isfinite(metrics[key]) and np.isfinite(metrics[key + "_kcal"])
     assert metrics["n_members"] == 2
-    assert "force RMSE" in stdout
+    assert "force RMSE" in stdout and "spread only" in stdout
     # the pretrained model by name, for before/after comparisons
     code, _, err = run_cli(monkeypatch, capsys, "evaluate", "--model", "7net-0", "--data", str(test_file),
                            "--json", str(tmp_path / "pre.json"), "--quiet")

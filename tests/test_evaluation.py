@@ -3,7 +3,8 @@ import itertools
 import numpy as np
 import pytest
 
-from flytune.evaluation import LOG_KCAL, error_metrics, gaussian_mll, roc_auc
+from flytune.bayes.ensemble import combine, force_deviation
+from flytune.evaluation import LOG_KCAL, error_metrics, force_variance_parts, gaussian_mll, roc_auc
 from flytune.units import KCAL_MOL
 
 
@@ -43,3 +44,23 @@ def test_error_metrics_units_and_calibration_factor():
     assert fixed["force_mll_recalibrated"] == pytest.approx(gaussian_mll(force_error, 4.0 * force_var))
     # constant σ cannot rank errors
     assert m["force_auc_roc"] == pytest.approx(0.5)
+
+
+def test_force_variance_parts_split_the_total_and_rank_separately():
+    rng = np.random.default_rng(2)
+    member_forces = rng.normal(0, 0.1, (4, 30, 3)) * rng.uniform(0.1, 2, (1, 30, 1))  # spread varies by atom
+    head = np.repeat(rng.uniform(0.01, 0.2, (4, 30, 1)) ** 2, 3, axis=2)  # each member's σ_F², per atom
+    mean, total = combine(member_forces, head)
+    parts = force_variance_parts(total, force_deviation(member_forces), 4)
+    # the parts add up to the total, averaged over an atom's components
+    assert np.allclose((parts["spread"] + parts["sigma_head"]).mean(axis=1), total.mean(axis=1))
+    assert np.allclose(parts["sigma_head"][:, 0], head.mean(axis=0)[:, 0])
+    assert np.allclose(parts["spread"].mean(axis=1), member_forces.var(axis=0, ddof=1).mean(axis=1))
+    # errors as large as the spread: the spread ranks them, the head (independent of them) cannot
+    error = rng.normal(0, 1, (30, 3)) * np.sqrt(parts["spread"])
+    m = error_metrics(np.zeros(1), error, total, force_error_threshold=0.05, force_var_parts=parts)
+    assert m["force_auc_roc_spread"] > 0.75
+    assert abs(m["force_auc_roc_sigma_head"] - 0.5) < 0.2
+    assert m["force_auc_roc_spread_kcal"] == m["force_auc_roc_spread"]
+    # one member: no spread
+    assert np.all(force_variance_parts(total, np.zeros(30), 1)["spread"] == 0)
