@@ -9,25 +9,27 @@ forces. Each variant below changes one of those choices and nothing else, then s
   where ``curve_every`` is set),
 - the foundation on the 150 CCSD(T) test frames before any transfer (force RMSE; the
   energy zero is fitted on the 10 training frames),
-- the transfer prior centred on it, N = 10 CCSD(T) frames, exactly as the table's
-  ``transfer_pbe`` N = 10 (4 chains × 300 steps, seed 10).
+- the transfer prior centred on it with N = 10 CCSD(T) frames (``--n`` for more N),
+  exactly as the table's ``transfer_pbe`` (4 chains × 300 steps, seed N).
 
 Variants:
 
+- ``sevennet0``: SevenNet-0 as shipped, scored on the CCSD(T) test frames only (its
+  transfer is the table's ``transfer_sevennet0``).
 - ``baseline``: the table's foundation (``benchmarks/runs/transfer/sevennet0_ethanol_pbe.pth``).
-- ``steps_4500``: 3× the Adam steps (4500), test errors every 750 steps.
+- ``steps_4500``: 3× the Adam steps (4500), test errors every 750 steps; ``steps_9000``: 6×.
 - ``forces_only``: no energy term in the pretraining loss (the paper's NequIP transfer).
 - ``frames_1800``: 1800 PBE frames (``train.xyz`` and ``test_MD.xyz`` frames 200–999;
   the 200 test frames stay held out).
 - ``ccsd_t_pool``: not a foundation but the ceiling of this network and budget:
   SevenNet-0 trained the same way (1500 steps) on the 840 CCSD(T) pool frames, scored on
   the 150 CCSD(T) test frames. If plenty of target data cannot go below the floor, no
-  foundation can.
+  foundation can. ``ccsd_t_pool_4500``: the same with 4500 steps.
 
 Each finished part is stored at once in ``results/transfer_floor.json`` and skipped on
 a re-run, so the script resumes; foundations go to ``benchmarks/runs/transfer/floor_*.pth``.
 
-    .venv/bin/python benchmarks/transfer_floor.py [--variants baseline,ccsd_t_pool,steps_4500]
+    .venv/bin/python benchmarks/transfer_floor.py [--variants baseline,ccsd_t_pool,steps_4500] [--n 1,2,5,10]
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ import argparse
 import json
 
 import numpy as np
-from common import ETHANOL_CCSD_T, RESULTS, write_results
+from common import ETHANOL_CCSD_T, RESULTS, plot_scores_vs_n, write_results
 from transfer_ethanol import (
+    NS,
     PBE_CHECKPOINT,
     PBE_TEST,
     PBE_TRAIN,
@@ -53,15 +56,18 @@ from flytune.backbones import load_backbone
 from flytune.data import labels_of, read_labelled
 from flytune.units import KCAL_MOL
 
-N = 10
+N = 10  # the frames of the energy zero in foundation_on_target, and the default --n
 VARIANTS = {
+    "sevennet0": {},
     "baseline": {},
     "ccsd_t_pool": {},
     "steps_4500": {"steps": 4500},
     "forces_only": {"energy_weight": 0.0},
     "frames_1800": {},
+    "ccsd_t_pool_4500": {"steps": 4500},
+    "steps_9000": {"steps": 9000},
 }
-CURVE_EVERY = {"steps_4500": 750, "ccsd_t_pool": 500}
+CURVE_EVERY = {"steps_4500": 750, "ccsd_t_pool": 500, "ccsd_t_pool_4500": 750, "steps_9000": 1500}
 
 
 def foundation_on_target(path, train, test) -> dict:
@@ -78,7 +84,9 @@ def foundation_on_target(path, train, test) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--n", default=str(N), help="CCSD(T) training frames of the transfer runs, e.g. 1,2,5,10,20,50,100")
     args = parser.parse_args()
+    ns = [int(n) for n in args.n.split(",")]
     variants = [v for v in args.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
     if unknown:
@@ -88,16 +96,27 @@ def main() -> None:
 
     def save() -> None:
         write_results("transfer_floor", {
-            "settings": {"n": N, "chains": SETTINGS["chains"], "initial_steps": SETTINGS["initial_steps"],
+            "settings": {"chains": SETTINGS["chains"], "initial_steps": SETTINGS["initial_steps"],
                          "pretrain_baseline": SETTINGS["pretrain"], "changes": VARIANTS, "curve_every": CURVE_EVERY},
             "units": "force RMSE kcal/mol/Å; energy RMSE kcal/mol (per atom where named)",
             "runs": runs,
         })
+        curves = {f"foundation {k}": r["transfer"] for k, r in runs.items() if len(r.get("transfer", {})) > 1}
+        if curves:
+            table = json.loads((RESULTS / "transfer_ethanol.json").read_text())["runs"]
+            curves = {"transfer_pbe (table)": table["transfer_pbe"],
+                      "transfer_sevennet0 (table)": table["transfer_sevennet0"], **curves}
+            plot_scores_vs_n(curves, NS, RESULTS / "transfer_floor.png",
+                             "Ethanol CCSD(T) forces: the transfer prior on longer-trained foundations", rmse_line=0.5)
 
     validation, test, pool = split(read_labelled(ETHANOL_CCSD_T))
     pbe_test = read_labelled(PBE_TEST, "0:200")
     for name in variants:
         run = runs.setdefault(name, {})
+        if name == "sevennet0":
+            run["foundation_on_ccsd_t"] = foundation_on_target("7net-0", pool[:N], test)
+            save()
+            continue
         checkpoint = PBE_CHECKPOINT if name == "baseline" else WORK / f"floor_{name}.pth"
         if "pretrain" not in run or not checkpoint.exists():
             if name == "baseline":
@@ -106,27 +125,28 @@ def main() -> None:
                 run["pretrain"] = json.loads((RESULTS / "transfer_ethanol.json").read_text())["pbe_foundation"]
             else:
                 cfg = {**SETTINGS["pretrain"], **VARIANTS[name]}
-                if name == "ccsd_t_pool":
+                if name.startswith("ccsd_t_pool"):
                     train, scored = pool, test
                 elif name == "frames_1800":
                     train, scored = read_labelled(PBE_TRAIN) + read_labelled(PBE_TEST, "200:"), pbe_test
                 else:
                     train, scored = read_labelled(PBE_TRAIN), pbe_test
-                run["pretrain"] = {"train_frames": len(train), "test": "CCSD(T) test" if name == "ccsd_t_pool"
+                run["pretrain"] = {"train_frames": len(train), "test": "CCSD(T) test" if name.startswith("ccsd_t_pool")
                                    else "PBE test_MD 0:200",
                                    **pretrain(train, scored, cfg, checkpoint, CURVE_EVERY.get(name, 0))}
             print(name, "pretrain:", run["pretrain"]["test_after"], flush=True)
             save()
-        if name == "ccsd_t_pool":
+        if name.startswith("ccsd_t_pool"):
             continue  # trained on the target pool itself: its test_after is the figure
         if "foundation_on_ccsd_t" not in run:
             run["foundation_on_ccsd_t"] = foundation_on_target(checkpoint, pool[:N], test)
             save()
-        if f"transfer_n{N}" not in run:
-            run[f"transfer_n{N}"] = run_one("transfer_pbe", pool[:N], validation, test, seed=N,
-                                            initial_steps=SETTINGS["initial_steps"], foundation=checkpoint)
-            print(name, f"transfer N={N}:", run[f"transfer_n{N}"], flush=True)
-            save()
+        for n in ns:
+            if str(n) not in run.setdefault("transfer", {}):
+                run["transfer"][str(n)] = run_one("transfer_pbe", pool[:n], validation, test, seed=n,
+                                                  initial_steps=SETTINGS["initial_steps"], foundation=checkpoint)
+                print(name, f"transfer N={n}:", run["transfer"][str(n)], flush=True)
+                save()
 
 
 if __name__ == "__main__":
