@@ -101,7 +101,7 @@ def main() -> None:
             "units": "force RMSE kcal/mol/Å; energy RMSE kcal/mol (per atom where named)",
             "runs": runs,
         })
-        curves = {f"foundation {k}": r["transfer"] for k, r in runs.items() if len(r.get("transfer", {})) > 1}
+        curves = {f"transfer_pbe, foundation {k}": r["transfer"] for k, r in runs.items() if len(r.get("transfer", {})) > 1}
         if curves:
             table = json.loads((RESULTS / "transfer_ethanol.json").read_text())["runs"]
             curves = {"transfer_pbe (table)": table["transfer_pbe"],
