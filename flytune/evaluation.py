@@ -57,8 +57,8 @@ def gaussian_mll(errors: np.ndarray, variances: np.ndarray) -> float:
 
 def force_variance_parts(force_var: np.ndarray, force_deviation: np.ndarray, n_members: int) -> dict[str, np.ndarray]:
     r"""Split the total force variance (A, 3) of an M-member ensemble into its two parts,
-    per component (eV²/Å²), from each atom's member deviation d_a (:func:`~flytune.bayes.
-    ensemble.force_deviation`, (A,)):
+    per component (eV²/Å²), from each atom's member deviation d_a, (A,)
+    (:func:`flytune.bayes.ensemble.force_deviation`):
 
         spread_a   = d_a² · M / (M − 1) / 3        (Var_m of the member forces, ddof 1,
                                                     averaged over the 3 components)
