@@ -19,6 +19,7 @@ fires, so updates come after critical errors or 16 waiting labels):
 - ``energy``: ``criterion = "energy"``, ε = ``--energy-threshold`` kcal/mol per cell;
 - ``forces``: ``criterion = "forces"``, ε_F = ``--force-threshold`` eV/Å on the largest
   error of one atom's force vector (ε still set, for the critical-update rule).
+- ``both`` (``--arms both``, not yet run): either rule calls.
 
 Both arms score the force errors at their calls (``force_exceed_fraction``) beside the
 energy errors (``exceed_fraction``), and every frame without a call against the DFT label:
@@ -27,7 +28,7 @@ arm keeps a run directory in ``benchmarks/runs/force_criterion_wbe_<entry>/``
 and a record of its frames there; a stopped arm resumes from its checkpoint. Results:
 ``results/force_criterion_wbe.json`` under ``<foundation>_<arm>[_eta<η>]``.
 
-    .venv/bin/python benchmarks/force_criterion_wbe.py --eta-max 3e-4 [--arms forces,energy] [--so-far]
+    .venv/bin/python benchmarks/force_criterion_wbe.py --eta-max 3e-4 [--arms forces,energy,both] [--so-far]
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from flytune.units import KCAL_MOL
 WBE = DATA / "wbe_l12_dftmd_fitsnap" / "WBeL12_MD300K.extxyz"
 POSTERIOR = {"chains": 2, "cycle_steps": 100, "batch_size": 2, "workers": 2}
 UPDATES = {"policy": "deferred"}
+ARMS = ("energy", "forces", "both")
 
 
 class StoredFrames(Calculator):
@@ -70,11 +72,10 @@ class StoredFrames(Calculator):
 
 
 def arm_settings(arm: str, force_eV_A: float, eta_max: float | None) -> dict:
-    """``[uncertainty]``, ``[model]`` and ``[updates]`` keywords of ``arm`` ("energy" or
-    "forces"); ``eta_max`` None: the foundation's family default."""
-    criterion = {"energy": "energy", "forces": "forces"}[arm]
+    """``[uncertainty]``, ``[model]`` and ``[updates]`` keywords of ``arm`` (one of
+    ``ARMS``, the criterion); ``eta_max`` None: the foundation's family default."""
     eta = {} if eta_max is None else {"eta_max": eta_max}
-    return {"criterion": criterion, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A", **POSTERIOR,
+    return {"criterion": arm, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A", **POSTERIOR,
             **eta, **UPDATES}
 
 
@@ -180,8 +181,11 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=24.0, help="stop (resumably) after this long")
     args = parser.parse_args()
     deadline = time.monotonic() + 3600 * args.hours
+    arms = args.arms.split(",")
+    if not set(arms) <= set(ARMS):
+        parser.error(f"--arms takes {', '.join(ARMS)} (got {args.arms!r})")
     frames = read_labelled(WBE)[args.start :: args.every]
-    for arm in args.arms.split(","):
+    for arm in arms:
         name = f"{args.foundation}_{arm}" + (f"_eta{args.eta_max:g}" if args.eta_max is not None else "")
         if args.so_far:
             result = so_far(name, args.energy_threshold, args.force_threshold)

@@ -94,6 +94,19 @@ def _energy_force_errors(backbone, frames, offset: float, batch: int = 20):
     return np.array(e_err), np.concatenate(f_err)
 
 
+def energy_offset(backbone, frames, batch: int = 50) -> float:
+    """Δ = mean(E_label − E_backbone) over ``frames`` (eV): the constant between the
+    data's energy zero and the backbone's (one composition)."""
+    pred = np.concatenate([backbone(backbone.batch(frames[i : i + batch])).energy.detach().numpy()
+                           for i in range(0, len(frames), batch)])
+    return float(np.mean([labels_of(a).energy for a in frames]) - np.mean(pred))
+
+
+def rmse_kcal(errors: np.ndarray) -> float:
+    """Root mean square of errors in eV (or eV/Å), in kcal/mol (or kcal/mol/Å)."""
+    return float(np.sqrt(np.mean(errors**2)) / KCAL_MOL)
+
+
 def pretrain(train, test, cfg: dict, path, curve_every: int = 0) -> dict:
     """Fine-tune SevenNet-0 on labelled ``train`` frames (Adam, cosine decay), save a
     SevenNet checkpoint at ``path``, and score it on ``test`` before and after.
@@ -106,14 +119,11 @@ def pretrain(train, test, cfg: dict, path, curve_every: int = 0) -> dict:
     """
     torch.manual_seed(cfg["seed"])
     backbone = load_backbone("7net-0")
-    pred = np.concatenate([backbone(backbone.batch(train[i : i + 50])).energy.detach().numpy()
-                           for i in range(0, len(train), 50)])
-    offset = float(np.mean([labels_of(a).energy for a in train]) - np.mean(pred))
-    rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)
+    offset = energy_offset(backbone, train)
 
     def score() -> dict:
         e, f = _energy_force_errors(backbone, test, offset)
-        return {"energy_rmse_kcal_per_atom": rmse(e), "force_rmse_kcal": rmse(f)}
+        return {"energy_rmse_kcal_per_atom": rmse_kcal(e), "force_rmse_kcal": rmse_kcal(f)}
 
     before = score()
     params = [p for p in backbone.parameters() if p.requires_grad]

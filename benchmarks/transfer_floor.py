@@ -47,14 +47,15 @@ from transfer_ethanol import (
     SETTINGS,
     WORK,
     _energy_force_errors,
+    energy_offset,
     pretrain,
+    rmse_kcal,
     run_one,
     split,
 )
 
 from flytune.backbones import load_backbone
-from flytune.data import labels_of, read_labelled
-from flytune.units import KCAL_MOL
+from flytune.data import read_labelled
 
 N = 10  # the frames of the energy zero in foundation_on_target, and the default --n
 VARIANTS = {
@@ -74,11 +75,8 @@ def foundation_on_target(path, train, test) -> dict:
     """Force and energy RMSE (kcal/mol units) of a foundation on the CCSD(T) test frames,
     its energy zero fitted on ``train`` (the N transfer frames)."""
     backbone = load_backbone(str(path))
-    pred = backbone(backbone.batch(train)).energy.detach().numpy()
-    offset = float(np.mean([labels_of(a).energy for a in train]) - np.mean(pred))
-    e, f = _energy_force_errors(backbone, test, offset)
-    rmse = lambda x: float(np.sqrt(np.mean(x**2)) / KCAL_MOL)
-    return {"force_rmse_kcal": rmse(f), "energy_rmse_kcal": rmse(e * len(test[0]))}
+    e, f = _energy_force_errors(backbone, test, energy_offset(backbone, train))
+    return {"force_rmse_kcal": rmse_kcal(f), "energy_rmse_kcal": rmse_kcal(e * len(test[0]))}
 
 
 def main() -> None:
@@ -114,8 +112,9 @@ def main() -> None:
     for name in variants:
         run = runs.setdefault(name, {})
         if name == "sevennet0":
-            run["foundation_on_ccsd_t"] = foundation_on_target("7net-0", pool[:N], test)
-            save()
+            if "foundation_on_ccsd_t" not in run:
+                run["foundation_on_ccsd_t"] = foundation_on_target("7net-0", pool[:N], test)
+                save()
             continue
         checkpoint = PBE_CHECKPOINT if name == "baseline" else WORK / f"floor_{name}.pth"
         if "pretrain" not in run or not checkpoint.exists():
