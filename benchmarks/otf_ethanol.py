@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--max-cycles", type=int,
                         help="[updates] max_cycles (more cycles while the newest label is not learned); "
                              "the entry's name gets _cycles<N>")
-    parser.add_argument("--misfit-as", choices=("spread", "bias"),
+    parser.add_argument("--misfit-as", choices=("spread", "bias", "correction"),
                         help="[uncertainty] label_misfit_as; the entry's name gets _misfit_<as>")
     parser.add_argument("--discount", type=float,
                         help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "

@@ -113,10 +113,11 @@ class UncertaintyConfig(_Strict):
         "(energy and forces, carried to first order to later structures) beyond σ_E; false: the published "
         "rule, the ensemble's σ alone",
     )
-    label_misfit_as: Literal["spread", "bias"] = Field(
+    label_misfit_as: Literal["spread", "bias", "correction"] = Field(
         "bias", description="how the label misfit enters the decision: spread, its size raises σ; bias, the "
         "residual carried to the structure (sign and size, to first order) is the error expected there and its "
-        "first-order change adds to σ",
+        "first-order change adds to σ; correction, that residual is subtracted from the prediction the MD is "
+        "given (energy and forces: the reference's at the newest label) and its first-order change adds to σ",
     )
     criterion: Literal["energy", "forces", "both"] = Field(
         "energy", description="what the call decides on: P(|e| > ε) (energy), P(max_a |ΔF_a| > ε_F) (forces), "

@@ -117,6 +117,46 @@ def test_label_misfit_follows_the_residual_to_first_order():
     assert LabelMisfit.from_state_dict(misfit.state_dict()).at(moved) == misfit.at(moved)
 
 
+def test_the_corrected_prediction_is_the_reference_at_the_label_and_a_potential_around_it():
+    """``LabelMisfit.corrected``: with a Lennard-Jones "ensemble" and EMT as the reference on
+    a Cu cell, the corrected energy and forces at the label are the reference's (+ Δ);
+    away from it the corrected forces are minus the gradient of the corrected energy (a
+    central difference), and the corrected energy is closer to the reference's than the
+    members' is, to second order."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.lj import LennardJones
+
+    from flytune.data import labelled
+
+    def both(atoms):
+        model, ref = atoms.copy(), atoms.copy()
+        model.calc, ref.calc = LennardJones(sigma=2.3, epsilon=0.4, rc=5.0), EMT()
+        return model.get_potential_energy(), model.get_forces(), ref.get_potential_energy(), ref.get_forces()
+
+    offset = 0.3
+    base = bulk("Cu", "fcc", a=3.6, cubic=True)
+    base.rattle(0.05, seed=1)
+    energy, forces, e_ref, f_ref = both(base)
+    misfit = LabelMisfit.measure(labelled(base, e_ref, f_ref), energy, forces, offset)
+    e_c, f_c = misfit.corrected(base, energy, forces)
+    assert e_c == pytest.approx(e_ref + offset, abs=1e-12) and np.allclose(f_c, f_ref, atol=1e-12)
+    moved = base.copy()
+    moved.positions += 0.03 * np.random.default_rng(0).normal(size=(len(base), 3))
+    energy, forces, e_ref, _ = both(moved)
+    e_c, f_c = misfit.corrected(moved, energy, forces)
+    assert abs(e_c - e_ref - offset) < 0.2 * abs(energy - e_ref - offset)
+    h = 1e-4
+    for atom, axis in [(0, 0), (2, 1), (3, 2)]:
+        energies = []
+        for sign in (1, -1):
+            shifted = moved.copy()
+            shifted.positions[atom, axis] += sign * h
+            e, f, _, _ = both(shifted)
+            energies.append(misfit.corrected(shifted, e, f)[0])
+        assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(f_c[atom, axis], abs=1e-5)
+
+
 def test_a_misfit_carried_as_a_bias_calls_where_the_expected_error_nears_eps():
     """As a bias the residual d(x) is the error expected (μ = −d(x)) and only its
     first-order change ΔF_L·Δx adds to σ: a known error of 0.6 ε with σ = 0.1 ε does not

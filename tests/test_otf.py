@@ -238,14 +238,16 @@ def test_a_call_cap_that_blocks_the_rule_is_counted_per_step(workdir):
     assert calc.state.uncontrolled == {"call cap": len(marked)}
 
 
-@pytest.mark.parametrize("label_misfit,misfit_as", [(False, "spread"), (True, "spread"), (True, "bias")])
+@pytest.mark.parametrize("label_misfit,misfit_as",
+                         [(False, "spread"), (True, "spread"), (True, "bias"), (True, "correction")])
 def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_misfit, misfit_as):
     """Two chains of 12 steps cannot fit or spread: after the first label the members miss
     it by more than σ_E and agree with each other, so σ ≈ σ_E. The published rule
     (``label_misfit = false``) then never calls again while the errors exceed ε; with the
-    misfit in σ (:func:`trusted_sigma`, :class:`LabelMisfit`) or carried as the expected
-    error (:func:`carried_error`) every step with |e| > ε is called, and each step's σ and
-    expected error are the ensemble's with the misfit of the newest label."""
+    misfit in σ (:func:`trusted_sigma`, :class:`LabelMisfit`), carried as the expected
+    error (:func:`carried_error`) or taken off the prediction (:meth:`LabelMisfit.corrected`)
+    every step with |e| > ε is called, and each step's σ, expected error and energy are the
+    ensemble's with the misfit of the newest label."""
     from ase import Atoms
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
@@ -303,17 +305,20 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
         assert sum(called) >= 3 and all(e <= 0.05 for e in uncalled_errors)
         for row in rows[1:]:
             structure, sigma, misfit = raw[row["force_call"]]
-            if misfit_as == "bias":
+            if misfit_as in ("bias", "correction"):
                 expected = carried_error(sigma, *misfit.carried(structure))[1]
             else:
                 expected = trusted_sigma(sigma, ensemble.model.energy_sigma, misfit.at(structure))
             assert row["energy_std_eV"] == pytest.approx(float(expected), rel=1e-9)
-        for iv in interventions[1:]:  # the error expected at each call: −d(x) as a bias, none as spread
+        for iv in interventions[1:]:  # the error expected at each call: −d(x) as a bias, none otherwise
             structure, _, misfit = raw[iv.force_call]
-            expected = -misfit.carried(structure)[0] if misfit_as == "bias" else 0.0
-            assert iv.error_mean == pytest.approx(expected, rel=1e-9, abs=1e-15)
-        if misfit_as == "bias":
-            assert any(iv.error_mean != 0 for iv in interventions[1:])
+            carried = -misfit.carried(structure)[0]
+            assert iv.error_mean == pytest.approx(carried if misfit_as == "bias" else 0.0, rel=1e-9, abs=1e-15)
+            # as a correction −d(x) was added to the prediction, and the error is the corrected one's
+            assert iv.correction == pytest.approx(carried if misfit_as == "correction" else 0.0, rel=1e-9, abs=1e-15)
+            assert iv.error == pytest.approx(iv.energy_ref - iv.energy_pred, rel=1e-9)
+        if misfit_as in ("bias", "correction"):
+            assert any((iv.error_mean if misfit_as == "bias" else iv.correction) != 0 for iv in interventions[1:])
 
 
 def test_a_deferred_label_sets_the_misfit_from_the_prediction_it_corrected(workdir):
@@ -341,6 +346,50 @@ def test_a_deferred_label_sets_the_misfit_from_the_prediction_it_corrected(workd
     learned = [m for _, iv, m in interventions if iv.update != "deferred"][1:]
     assert learned and all(abs(m.energy_residual_eV) == pytest.approx(u["label_misfit_eV"])
                            for m, u in zip(learned, updates[1:]))
+
+
+def test_a_corrected_run_gives_the_md_the_reference_at_a_waiting_label(workdir):
+    """``label_misfit_as = "correction"``, update deferred: the misfit of a waiting label is
+    the members' own miss there (not the corrected prediction's), so the prediction the MD
+    is given at that structure is the reference's energy (+ Δ) and forces, each step's energy
+    is the members' mean less d(x), and the errors at calls are the corrected prediction's."""
+    from flytune.config import UpdatesConfig
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.3, threshold_unit="eV", label_misfit_as="correction"), seed=0,
+    )
+    interventions, rows = [], []
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              updates=UpdatesConfig(policy="deferred", max_pending=3, critical_factor=1e6),
+                              on_intervention=lambda label, iv: interventions.append((label, iv, calc.misfit)),
+                              on_step=rows.append)
+    predict, members = ensemble.predict, {}
+
+    def spy(structures, **kwargs):  # the members' mean at each force call's structure
+        out = predict(structures, **kwargs)
+        members.setdefault(calc.state.force_calls, (float(out.energy[0]), out.forces.copy()))
+        return out
+
+    ensemble.predict = spy
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(8)
+    deferred = [(label, iv, m) for label, iv, m in interventions if iv.update == "deferred"]
+    assert deferred
+    for label, iv, misfit in deferred:  # the members that predicted at the label go on predicting
+        energy, forces = members[iv.force_call]
+        assert misfit.energy_residual_eV == pytest.approx(energy - iv.energy_ref, abs=1e-12)
+        energy, forces = misfit.corrected(label, energy, forces)
+        assert energy == pytest.approx(iv.energy_ref, abs=1e-12)
+        assert np.allclose(forces, label.get_forces(apply_constraint=False), atol=1e-12)
+    corrected = [iv for _, iv, _ in interventions[1:] if iv.correction != 0]
+    assert corrected and all(iv.error_mean == 0 for _, iv, _ in interventions)
+    for iv in corrected:
+        assert iv.energy_pred == pytest.approx(members[iv.force_call][0] + iv.correction, abs=1e-12)
+        assert iv.error == pytest.approx(iv.energy_ref - iv.energy_pred, abs=1e-12)
+    uncalled = [r for r in rows[1:] if not r["reference_called"]]
+    assert any(r["energy_eV"] != pytest.approx(members[r["force_call"]][0], abs=1e-9) for r in uncalled)
 
 
 def test_a_critical_miss_after_an_update_that_missed_waits_for_the_cost_rule(workdir):

@@ -114,6 +114,9 @@ class Intervention:
     label_misfit: float = 0.0  # r (eV) in σ here (flytune.otf.decision.LabelMisfit)
     #: μ (eV): the error expected here (the label misfit carried as a bias; 0 as spread)
     error_mean: float = 0.0
+    #: −d(x) (eV): the carried residual added to the members' mean (``label_misfit_as =
+    #: "correction"``; ``energy_pred`` and ``error`` are of the corrected prediction)
+    correction: float = 0.0
     #: called because r raised σ: with the ensemble's σ alone P(|e| > ε) was below the level
     by_misfit: bool = False
     #: why the posterior update ran right after this call (flytune.otf.updates), or "deferred"
@@ -138,8 +141,8 @@ class ForceCall:
     atoms: Atoms
     walker: int
     force_call: int
-    energy: float  # eV, ensemble mean
-    forces: np.ndarray  # eV/Å, ensemble mean
+    energy: float  # eV, the prediction the MD is given: the members' mean (corrected, label_misfit_as = correction)
+    forces: np.ndarray  # eV/Å, likewise
     sigma: float  # eV, the σ the decision used
     verdict: Verdict
     misfit: float  # eV, the label misfit r in σ
@@ -154,6 +157,8 @@ class ForceCall:
     force_deviation: float = 0.0  # eV/Å: the largest per-atom force deviation among the members
     waits_because: str = ""  # why its label waits although its error was critical
     error_mean: float = 0.0  # eV, μ: the error expected here (the label misfit as a bias)
+    members_energy: float | None = None  # eV, the members' mean, when a correction was added to it
+    members_forces: np.ndarray | None = None  # eV/Å, likewise
 
 
 @dataclass
@@ -395,7 +400,12 @@ class OnTheFlyCalculator(Calculator):
             forces, forces_var = pred.forces[mine_atoms], pred.forces_var[mine_atoms]
             energy, sigma = float(pred.energy[i]), float(pred.energy_std[i])
             ensemble_sigma = sigma
-            mean, sigma, r = self._with_misfit(self.misfits.get(walker), atoms, sigma)
+            misfit = self.misfits.get(walker)
+            mean, sigma, r = self._with_misfit(misfit, atoms, sigma)
+            members = None
+            if misfit is not None and self._corrects:
+                members = (energy, forces)
+                energy, forces = misfit.corrected(atoms, energy, forces)
             last = st.walker_last_call.get(walker)
             mine = st.walker_force_calls[walker]
             verdict = self.decision.decide(sigma, mean=mean, labels=0 if first_round else 1,
@@ -415,6 +425,8 @@ class OnTheFlyCalculator(Calculator):
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
                              forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()),
                              error_mean=mean)
+            if members is not None:
+                step.members_energy, step.members_forces = members
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -624,26 +636,37 @@ class OnTheFlyCalculator(Calculator):
                                                            self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
         sigma_e = self.ensemble.model.energy_sigma
-        for walker in walkers:
-            mean, sigma, _ = self._with_misfit(self.misfits[walker], self.newest[walker], sigma_e, enabled=True)
+        for walker in walkers:  # the members' own miss, whether or not the MD is given it corrected
+            mean, sigma, _ = self._with_misfit(self.misfits[walker], self.newest[walker], sigma_e, enabled=True,
+                                               uncorrected=True)
             if self.decision.wants_call(self.decision.prob_exceed(sigma, mean)):
                 return False
         return True
 
+    @property
+    def _corrects(self) -> bool:
+        """Whether the MD is given the members' mean less the carried label residual
+        (``label_misfit_as = "correction"``, :meth:`~flytune.otf.decision.LabelMisfit.corrected`)."""
+        uncertainty = self.ensemble.uncertainty
+        return uncertainty.label_misfit and uncertainty.label_misfit_as == "correction"
+
     def _with_misfit(self, misfit: LabelMisfit | None, atoms: Atoms, sigma: float,
-                     enabled: bool | None = None) -> tuple[float, float, float]:
+                     enabled: bool | None = None, uncorrected: bool = False) -> tuple[float, float, float]:
         """(μ, σ_t, r) (eV) at ``atoms`` for an ensemble std ``sigma``: the expected error,
         the std and the label misfit |d(x)| the decision uses, with ``misfit`` (the walker's
         newest label) entering as ``[uncertainty] label_misfit_as`` says
-        (:func:`~flytune.otf.decision.carried_error` or :func:`~flytune.otf.decision.trusted_sigma`);
-        (0, σ, 0) without one or with ``label_misfit = false`` (``enabled`` overrides it)."""
+        (:func:`~flytune.otf.decision.carried_error` or :func:`~flytune.otf.decision.trusted_sigma`;
+        as a correction, the bias's σ_t with μ = 0: the prediction has the residual taken off,
+        unless ``uncorrected``); (0, σ, 0) without one or with ``label_misfit = false``
+        (``enabled`` overrides it)."""
         uncertainty = self.ensemble.uncertainty
         if misfit is None or not (uncertainty.label_misfit if enabled is None else enabled):
             return 0.0, sigma, 0.0
-        if uncertainty.label_misfit_as == "bias":
+        if uncertainty.label_misfit_as in ("bias", "correction"):
             residual, change = misfit.carried(atoms)
             mean, sigma_t = carried_error(sigma, residual, change)
-            return mean, sigma_t, abs(residual)
+            corrected = uncertainty.label_misfit_as == "correction" and not uncorrected
+            return 0.0 if corrected else mean, sigma_t, abs(residual)
         r = misfit.at(atoms)
         return 0.0, float(trusted_sigma(sigma, self.ensemble.model.energy_sigma, r)), r
 
@@ -704,8 +727,9 @@ class OnTheFlyCalculator(Calculator):
             due = f"background: {due}" if learned else "deferred: an update is running"
         if due is None or self.schedule.config.background:  # the members that predicted here go on
             for step in labelled_steps:
-                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], step.energy, step.forces,
-                                                                    data.energy_offset)
+                members = (step.energy, step.forces) if step.members_energy is None \
+                    else (step.members_energy, step.members_forces)
+                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], *members, data.energy_offset)
         for n, step in enumerate(labelled_steps):
             label, reference_s = done[step]
             last = n == len(labelled_steps) - 1  # the update, if any, is booked on the round's last call
@@ -721,6 +745,7 @@ class OnTheFlyCalculator(Calculator):
                 reason=step.verdict.reason, labels_learned=learned if last else 0,
                 update=due or ("deferred: " + step.waits_because if step.waits_because else "deferred"),
                 label_misfit=step.misfit, error_mean=step.error_mean, by_misfit=step.by_misfit, update_running=update_running,
+                correction=0.0 if step.members_energy is None else step.energy - step.members_energy,
                 walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
                 prob_force_exceed=step.verdict.prob_force_exceed,
             )

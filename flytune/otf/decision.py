@@ -35,12 +35,14 @@ DP-GEN and aims-PAX. The probability is still computed and logged at every step.
 After a call, the error e = E_ref + Δ − Ê and the σ and μ predicted *before* the
 update update the calibration (:meth:`Decision.observe`).
 
-What the members miss their newest label by (:class:`LabelMisfit`) enters in one of two
+What the members miss their newest label by (:class:`LabelMisfit`) enters in one of three
 ways (``[uncertainty] label_misfit_as``): as spread, the σ the rule uses is the
 ensemble's with its noise term raised to that misfit when it is more than the
 likelihood's σ_E (:func:`trusted_sigma`); as a bias, the residual carried to the
 structure is the expected error μ and its first-order change adds to σ
-(:func:`carried_error`).
+(:func:`carried_error`); as a correction, that residual is taken off the prediction the
+MD is given (:meth:`LabelMisfit.corrected`), so μ = 0, and its first-order change adds to
+σ as with the bias.
 """
 
 from __future__ import annotations
@@ -132,6 +134,18 @@ class LabelMisfit:
             displacement, _ = find_mic(displacement, self.cell, self.pbc)
         change = float(np.sum(self.force_residual_eV_A * displacement))
         return self.energy_residual_eV - change, change
+
+    def corrected(self, atoms, energy_eV: float, forces_eV_A: np.ndarray) -> tuple[float, np.ndarray]:
+        r"""The members' mean energy and forces at ``atoms`` with the residual carried there
+        taken off (``[uncertainty] label_misfit_as = "correction"``):
+
+            E_c(x) = Ê(x) − d(x) = Ê(x) − d_L + ΔF_L·Δx,    F_c(x) = −∂E_c/∂x = F̂(x) − ΔF_L,
+
+        the members' potential plus a term linear in the positions, so E_c is a potential
+        energy surface with F_c its forces (the MD conserves energy on it), equal to the
+        reference's, E_ref + Δ and F_ref, at the label itself. The stress is left as the
+        members predict it."""
+        return float(energy_eV) - self.carried(atoms)[0], np.asarray(forces_eV_A) - self.force_residual_eV_A
 
     def at(self, atoms) -> float:
         """r(x) = |d(x)| (eV) at ``atoms`` (same atoms as the label)."""
