@@ -157,6 +157,38 @@ def test_the_corrected_prediction_is_the_reference_at_the_label_and_a_potential_
         assert -(energies[0] - energies[1]) / (2 * h) == pytest.approx(f_c[atom, axis], abs=1e-5)
 
 
+def test_the_anchored_spread_ignores_what_the_label_fixes_and_grows_away_from_it():
+    """``LabelMisfit.anchored_sigma``: members that differ by a constant and a linear term
+    (what the label's energy and forces fix) have no anchored spread beyond σ_E at any x;
+    members that differ in curvature have none at L and a spread that grows with |Δx|²,
+    the sample std of their quadratic terms; another number of members gives None."""
+    from ase import Atoms
+
+    positions = np.array([[0.0, 0, 0], [0.9, 0, 0]])
+    members = np.array([0.0, 0.5, -0.3])  # per-member offset (eV), slope (eV/Å) and curvature (eV/Å²)
+    slopes, curvatures = np.array([0.2, -0.1, 0.4]), np.array([1.0, 2.0, 4.0])
+
+    def energies(x, curved):  # μ_m(x) along the first atom's x displacement u
+        u = x[0, 0]
+        return members + slopes * u + (0.5 * curvatures * u**2 if curved else 0.0)
+
+    forces = np.zeros((3, 2, 3))
+    forces[:, 0, 0] = -slopes  # F_m(x_L) = −∂μ_m/∂u at u = 0
+    misfit = LabelMisfit(positions, np.zeros((3, 3)), np.zeros(3, bool), 0.1, np.zeros((2, 3)),
+                         energies(positions, True), forces)
+    sigma_e = 0.01
+    for u in (0.0, 0.05, 0.2):
+        moved = Atoms("H2", positions=positions + [[u, 0, 0], [0, 0, 0]])
+        assert misfit.anchored_sigma(moved, energies(moved.positions, False), sigma_e) == pytest.approx(sigma_e)
+        expected = np.hypot(np.std(0.5 * curvatures * u**2, ddof=1), sigma_e)
+        assert misfit.anchored_sigma(moved, energies(moved.positions, True), sigma_e) == pytest.approx(expected)
+    assert misfit.anchored_sigma(moved, np.zeros(4), sigma_e) is None
+    restored = LabelMisfit.from_state_dict(misfit.state_dict())
+    assert restored.anchored_sigma(moved, energies(moved.positions, True), sigma_e) == pytest.approx(expected)
+    assert LabelMisfit(positions, np.zeros((3, 3)), np.zeros(3, bool), 0.1, np.zeros((2, 3))).anchored_sigma(
+        moved, np.zeros(3), sigma_e) is None
+
+
 def test_a_misfit_carried_as_a_bias_calls_where_the_expected_error_nears_eps():
     """As a bias the residual d(x) is the error expected (μ = −d(x)) and only its
     first-order change ΔF_L·Δx adds to σ: a known error of 0.6 ε with σ = 0.1 ε does not

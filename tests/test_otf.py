@@ -274,7 +274,8 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
         out = predict(structures, **kwargs)
         if calc.state.force_calls not in raw:  # the first prediction of a force call: its structure
             structure = structures if isinstance(structures, Atoms) else structures[0]
-            raw[calc.state.force_calls] = (structure.copy(), float(out.energy_std[0]), calc.misfit)
+            raw[calc.state.force_calls] = (structure.copy(), float(out.energy_std[0]), calc.misfit,
+                                           out.member_energy[:, 0])
         return out
 
     ensemble.predict = spy
@@ -304,14 +305,18 @@ def test_members_that_miss_their_labels_do_not_silence_the_rule(workdir, label_m
     else:
         assert sum(called) >= 3 and all(e <= 0.05 for e in uncalled_errors)
         for row in rows[1:]:
-            structure, sigma, misfit = raw[row["force_call"]]
-            if misfit_as in ("bias", "correction"):
+            structure, sigma, misfit, member_energy = raw[row["force_call"]]
+            if misfit_as == "correction":  # the members' spread about their anchors at L
+                anchored = misfit.anchored_sigma(structure, member_energy, ensemble.model.energy_sigma)
+                assert anchored is not None
+                expected = carried_error(anchored, *misfit.carried(structure))[1]
+            elif misfit_as == "bias":
                 expected = carried_error(sigma, *misfit.carried(structure))[1]
             else:
                 expected = trusted_sigma(sigma, ensemble.model.energy_sigma, misfit.at(structure))
             assert row["energy_std_eV"] == pytest.approx(float(expected), rel=1e-9)
         for iv in interventions[1:]:  # the error expected at each call: −d(x) as a bias, none otherwise
-            structure, _, misfit = raw[iv.force_call]
+            structure, _, misfit, _ = raw[iv.force_call]
             carried = -misfit.carried(structure)[0]
             assert iv.error_mean == pytest.approx(carried if misfit_as == "bias" else 0.0, rel=1e-9, abs=1e-15)
             # as a correction −d(x) was added to the prediction, and the error is the corrected one's

@@ -50,6 +50,8 @@ class EnsemblePrediction:
     structure_index: np.ndarray  # (A,)
     #: (A,) eV/Å: each atom's force deviation among the members, :func:`force_deviation`
     force_deviation: np.ndarray | None = None
+    member_energy: np.ndarray | None = None  # (M, S) eV: each member's mean energy
+    member_forces: np.ndarray | None = None  # (M, A, 3) eV/Å: each member's mean forces
 
     @property
     def energy_std(self) -> np.ndarray:
@@ -175,6 +177,8 @@ class Ensemble:
             stress_var=np.concatenate([p.stress_var for p in parts]) if has_stress else None,
             structure_index=np.concatenate([p.structure_index + o for p, o in zip(parts, offsets)]),
             force_deviation=np.concatenate([p.force_deviation for p in parts]),
+            member_energy=np.concatenate([p.member_energy for p in parts], axis=1),
+            member_forces=np.concatenate([p.member_forces for p in parts], axis=1),
         )
 
     def member_predictions(self, structures: Sequence[Atoms]):
@@ -224,7 +228,7 @@ class Ensemble:
             stress_var[nonperiodic] = np.nan
         return EnsemblePrediction(
             energy, energy_var, forces, forces_var, stress, stress_var, batch.structure_index.cpu().numpy(),
-            force_deviation(parts["forces"][0]),
+            force_deviation(parts["forces"][0]), parts["energy"][0], parts["forces"][0],
         )
 
     # -- data -------------------------------------------------------------------------

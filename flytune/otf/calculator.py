@@ -159,6 +159,8 @@ class ForceCall:
     error_mean: float = 0.0  # eV, μ: the error expected here (the label misfit as a bias)
     members_energy: float | None = None  # eV, the members' mean, when a correction was added to it
     members_forces: np.ndarray | None = None  # eV/Å, likewise
+    member_energy: np.ndarray | None = None  # (M,) eV: each member's energy (the misfit's anchors)
+    member_forces: np.ndarray | None = None  # (M, n, 3) eV/Å
 
 
 @dataclass
@@ -401,11 +403,14 @@ class OnTheFlyCalculator(Calculator):
             energy, sigma = float(pred.energy[i]), float(pred.energy_std[i])
             ensemble_sigma = sigma
             misfit = self.misfits.get(walker)
-            mean, sigma, r = self._with_misfit(misfit, atoms, sigma)
+            member_energy = pred.member_energy[:, i]
             members = None
             if misfit is not None and self._corrects:
                 members = (energy, forces)
                 energy, forces = misfit.corrected(atoms, energy, forces)
+                anchored = misfit.anchored_sigma(atoms, member_energy, self.ensemble.model.energy_sigma)
+                sigma = sigma if anchored is None else anchored
+            mean, sigma, r = self._with_misfit(misfit, atoms, sigma)
             last = st.walker_last_call.get(walker)
             mine = st.walker_force_calls[walker]
             verdict = self.decision.decide(sigma, mean=mean, labels=0 if first_round else 1,
@@ -427,6 +432,7 @@ class OnTheFlyCalculator(Calculator):
                              error_mean=mean)
             if members is not None:
                 step.members_energy, step.members_forces = members
+            step.member_energy, step.member_forces = member_energy, pred.member_forces[:, mine_atoms]
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -631,9 +637,10 @@ class OnTheFlyCalculator(Calculator):
             newest = [self.newest[w] for w in walkers]
             pred = self.ensemble.predict(newest)
             for i, (walker, label) in enumerate(zip(walkers, newest)):
-                self.misfits[walker] = LabelMisfit.measure(label, float(pred.energy[i]),
-                                                           pred.forces[pred.structure_index == i],
-                                                           self.ensemble.data.energy_offset)
+                mine = pred.structure_index == i
+                self.misfits[walker] = LabelMisfit.measure(label, float(pred.energy[i]), pred.forces[mine],
+                                                           self.ensemble.data.energy_offset,
+                                                           pred.member_energy[:, i], pred.member_forces[:, mine])
         self.state.time_predict_s += time.perf_counter() - start
         sigma_e = self.ensemble.model.energy_sigma
         for walker in walkers:  # the members' own miss, whether or not the MD is given it corrected
@@ -729,7 +736,8 @@ class OnTheFlyCalculator(Calculator):
             for step in labelled_steps:
                 members = (step.energy, step.forces) if step.members_energy is None \
                     else (step.members_energy, step.members_forces)
-                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], *members, data.energy_offset)
+                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], *members, data.energy_offset,
+                                                                step.member_energy, step.member_forces)
         for n, step in enumerate(labelled_steps):
             label, reference_s = done[step]
             last = n == len(labelled_steps) - 1  # the update, if any, is booked on the round's last call

@@ -117,23 +117,55 @@ class LabelMisfit:
     pbc: np.ndarray  # (3,) bool
     energy_residual_eV: float  # d_L
     force_residual_eV_A: np.ndarray  # ΔF_L, (n, 3)
+    member_energy_eV: np.ndarray | None = None  # μ_m(x_L), (M,): each member's energy at L
+    member_forces_eV_A: np.ndarray | None = None  # F_m(x_L), (M, n, 3)
 
     @classmethod
-    def measure(cls, label, energy_eV: float, forces_eV_A: np.ndarray, energy_offset_eV: float) -> LabelMisfit:
+    def measure(cls, label, energy_eV: float, forces_eV_A: np.ndarray, energy_offset_eV: float,
+                member_energy_eV: np.ndarray | None = None, member_forces_eV_A: np.ndarray | None = None
+                ) -> LabelMisfit:
         """From a labelled structure (raw reference energy and forces, as the data holds
         them: before any constraint such as the MD's FixCom) and the predicting ensemble's
-        mean energy and forces there."""
+        mean energy and forces there (and each member's, for :meth:`anchored_sigma`)."""
         return cls(np.array(label.positions), np.array(label.cell), np.array(label.pbc),
                    float(energy_eV - (label.get_potential_energy() + energy_offset_eV)),
-                   np.asarray(forces_eV_A, dtype=float) - label.get_forces(apply_constraint=False))
+                   np.asarray(forces_eV_A, dtype=float) - label.get_forces(apply_constraint=False),
+                   None if member_energy_eV is None else np.array(member_energy_eV, dtype=float),
+                   None if member_forces_eV_A is None else np.array(member_forces_eV_A, dtype=float))
 
-    def carried(self, atoms) -> tuple[float, float]:
-        """(d(x), ΔF_L·Δx) (eV) at ``atoms`` (same atoms as the label)."""
+    def displacement(self, atoms) -> np.ndarray:
+        """Δx = x − x_L (Å, (n, 3); minimum image in periodic cells)."""
         displacement = atoms.positions - self.positions
         if self.pbc.any():
             displacement, _ = find_mic(displacement, self.cell, self.pbc)
-        change = float(np.sum(self.force_residual_eV_A * displacement))
+        return displacement
+
+    def carried(self, atoms) -> tuple[float, float]:
+        """(d(x), ΔF_L·Δx) (eV) at ``atoms`` (same atoms as the label)."""
+        change = float(np.sum(self.force_residual_eV_A * self.displacement(atoms)))
         return self.energy_residual_eV - change, change
+
+    def anchored_sigma(self, atoms, member_energy_eV: np.ndarray, sigma_energy: float) -> float | None:
+        r"""The members' spread at ``atoms`` about their own first-order expansion from L
+        (eV), the σ of a prediction anchored at the label (``label_misfit_as = "correction"``):
+
+            δ_m(x) = μ_m(x) − μ_m(x_L) + F_m(x_L)·Δx,    σ_a² = Var_m(δ_m) + σ_E²,
+
+        ``member_energy_eV`` μ_m(x) (M,), σ_E the likelihood's energy noise. Member m,
+        corrected at L by its own residual, predicts the reference's first-order expansion
+        from L plus δ_m(x); the members' mean is the corrected prediction (:meth:`corrected`),
+        and their spread is what they disagree on once the label has fixed the energy and
+        forces at L: nothing at L, growing with the distance as far as they disagree about
+        the surface in between. A constant or linear difference between members (what the
+        label fixes) does not count. None without the members at L or with another number
+        of members."""
+        member_energy_eV = np.asarray(member_energy_eV, dtype=float)
+        if self.member_energy_eV is None or self.member_energy_eV.shape != member_energy_eV.shape:
+            return None
+        delta = member_energy_eV - self.member_energy_eV + np.sum(
+            self.member_forces_eV_A * self.displacement(atoms), axis=(1, 2))
+        spread = float(delta.var(ddof=1)) if len(delta) > 1 else 0.0
+        return float(np.sqrt(spread + float(sigma_energy) ** 2))
 
     def corrected(self, atoms, energy_eV: float, forces_eV_A: np.ndarray) -> tuple[float, np.ndarray]:
         r"""The members' mean energy and forces at ``atoms`` with the residual carried there
@@ -152,14 +184,19 @@ class LabelMisfit:
         return abs(self.carried(atoms)[0])
 
     def state_dict(self) -> dict:
-        return {"positions": self.positions.tolist(), "cell": self.cell.tolist(), "pbc": self.pbc.tolist(),
-                "energy_residual_eV": self.energy_residual_eV,
-                "force_residual_eV_A": self.force_residual_eV_A.tolist()}
+        state = {"positions": self.positions.tolist(), "cell": self.cell.tolist(), "pbc": self.pbc.tolist(),
+                 "energy_residual_eV": self.energy_residual_eV,
+                 "force_residual_eV_A": self.force_residual_eV_A.tolist()}
+        if self.member_energy_eV is not None:
+            state.update(member_energy_eV=self.member_energy_eV.tolist(),
+                         member_forces_eV_A=self.member_forces_eV_A.tolist())
+        return state
 
     @classmethod
     def from_state_dict(cls, state: dict) -> LabelMisfit:
+        members = [np.array(state[k]) if k in state else None for k in ("member_energy_eV", "member_forces_eV_A")]
         return cls(np.array(state["positions"]), np.array(state["cell"]), np.array(state["pbc"], dtype=bool),
-                   float(state["energy_residual_eV"]), np.array(state["force_residual_eV_A"]))
+                   float(state["energy_residual_eV"]), np.array(state["force_residual_eV_A"]), *members)
 
 
 @dataclass(frozen=True)
