@@ -157,9 +157,8 @@ class ForceCall:
     force_deviation: float = 0.0  # eV/Å: the largest per-atom force deviation among the members
     waits_because: str = ""  # why its label waits although its error was critical
     error_mean: float = 0.0  # eV, μ: the error expected here (the label misfit as a bias)
-    members_energy: float | None = None  # eV, the members' mean, when a correction was added to it
-    members_forces: np.ndarray | None = None  # eV/Å, likewise
-    member_energy: np.ndarray | None = None  # (M,) eV: each member's energy (the misfit's anchors)
+    correction: float = 0.0  # eV, −d(x) added to the members' mean energy (label_misfit_as = correction)
+    member_energy: np.ndarray | None = None  # (M,) eV: each member's energy (their mean is the ensemble's)
     member_forces: np.ndarray | None = None  # (M, n, 3) eV/Å
 
 
@@ -404,10 +403,10 @@ class OnTheFlyCalculator(Calculator):
             ensemble_sigma = sigma
             misfit = self.misfits.get(walker)
             member_energy = pred.member_energy[:, i]
-            members = None
+            correction = 0.0
             if misfit is not None and self._corrects:
-                members = (energy, forces)
-                energy, forces = misfit.corrected(atoms, energy, forces)
+                corrected, forces = misfit.corrected(atoms, energy, forces)
+                energy, correction = corrected, corrected - energy
                 anchored = misfit.anchored_sigma(atoms, member_energy, self.ensemble.model.energy_sigma)
                 sigma = sigma if anchored is None else anchored
             mean, sigma, r = self._with_misfit(misfit, atoms, sigma)
@@ -429,10 +428,8 @@ class OnTheFlyCalculator(Calculator):
                              and not self.decision.wants_call(self.decision.deciding_prob(
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
                              forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()),
-                             error_mean=mean)
-            if members is not None:
-                step.members_energy, step.members_forces = members
-            step.member_energy, step.member_forces = member_energy, pred.member_forces[:, mine_atoms]
+                             error_mean=mean, correction=correction, member_energy=member_energy,
+                             member_forces=pred.member_forces[:, mine_atoms])
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -637,10 +634,9 @@ class OnTheFlyCalculator(Calculator):
             newest = [self.newest[w] for w in walkers]
             pred = self.ensemble.predict(newest)
             for i, (walker, label) in enumerate(zip(walkers, newest)):
-                mine = pred.structure_index == i
-                self.misfits[walker] = LabelMisfit.measure(label, float(pred.energy[i]), pred.forces[mine],
-                                                           self.ensemble.data.energy_offset,
-                                                           pred.member_energy[:, i], pred.member_forces[:, mine])
+                self.misfits[walker] = LabelMisfit.measure(label, pred.member_energy[:, i],
+                                                           pred.member_forces[:, pred.structure_index == i],
+                                                           self.ensemble.data.energy_offset)
         self.state.time_predict_s += time.perf_counter() - start
         sigma_e = self.ensemble.model.energy_sigma
         for walker in walkers:  # the members' own miss, whether or not the MD is given it corrected
@@ -734,10 +730,8 @@ class OnTheFlyCalculator(Calculator):
             due = f"background: {due}" if learned else "deferred: an update is running"
         if due is None or self.schedule.config.background:  # the members that predicted here go on
             for step in labelled_steps:
-                members = (step.energy, step.forces) if step.members_energy is None \
-                    else (step.members_energy, step.members_forces)
-                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], *members, data.energy_offset,
-                                                                step.member_energy, step.member_forces)
+                self.misfits[step.walker] = LabelMisfit.measure(done[step][0], step.member_energy,
+                                                                step.member_forces, data.energy_offset)
         for n, step in enumerate(labelled_steps):
             label, reference_s = done[step]
             last = n == len(labelled_steps) - 1  # the update, if any, is booked on the round's last call
@@ -753,7 +747,7 @@ class OnTheFlyCalculator(Calculator):
                 reason=step.verdict.reason, labels_learned=learned if last else 0,
                 update=due or ("deferred: " + step.waits_because if step.waits_because else "deferred"),
                 label_misfit=step.misfit, error_mean=step.error_mean, by_misfit=step.by_misfit, update_running=update_running,
-                correction=0.0 if step.members_energy is None else step.energy - step.members_energy,
+                correction=step.correction,
                 walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
                 prob_force_exceed=step.verdict.prob_force_exceed,
             )

@@ -121,17 +121,18 @@ class LabelMisfit:
     member_forces_eV_A: np.ndarray | None = None  # F_m(x_L), (M, n, 3)
 
     @classmethod
-    def measure(cls, label, energy_eV: float, forces_eV_A: np.ndarray, energy_offset_eV: float,
-                member_energy_eV: np.ndarray | None = None, member_forces_eV_A: np.ndarray | None = None
-                ) -> LabelMisfit:
+    def measure(cls, label, energy_eV, forces_eV_A: np.ndarray, energy_offset_eV: float) -> LabelMisfit:
         """From a labelled structure (raw reference energy and forces, as the data holds
         them: before any constraint such as the MD's FixCom) and the predicting ensemble's
-        mean energy and forces there (and each member's, for :meth:`anchored_sigma`)."""
+        mean energy and forces there, or each member's, (M,) and (M, n, 3), whose mean is
+        the ensemble's (kept for :meth:`anchored_sigma`)."""
+        energy, forces = np.asarray(energy_eV, dtype=float), np.asarray(forces_eV_A, dtype=float)
+        members = (energy, forces) if energy.ndim == 1 else (None, None)
+        if energy.ndim == 1:
+            energy, forces = energy.mean(axis=0), forces.mean(axis=0)
         return cls(np.array(label.positions), np.array(label.cell), np.array(label.pbc),
-                   float(energy_eV - (label.get_potential_energy() + energy_offset_eV)),
-                   np.asarray(forces_eV_A, dtype=float) - label.get_forces(apply_constraint=False),
-                   None if member_energy_eV is None else np.array(member_energy_eV, dtype=float),
-                   None if member_forces_eV_A is None else np.array(member_forces_eV_A, dtype=float))
+                   float(energy - (label.get_potential_energy() + energy_offset_eV)),
+                   forces - label.get_forces(apply_constraint=False), *members)
 
     def displacement(self, atoms) -> np.ndarray:
         """Δx = x − x_L (Å, (n, 3); minimum image in periodic cells)."""
