@@ -117,7 +117,9 @@ class UncertaintyConfig(_Strict):
         "bias", description="how the label misfit enters the decision: spread, its size raises σ; bias, the "
         "residual carried to the structure (sign and size, to first order) is the error expected there and its "
         "first-order change adds to σ; correction, that residual is subtracted from the prediction the MD is "
-        "given (energy and forces: the reference's at the newest label) and its first-order change adds to σ",
+        "given (energy and forces: the reference's at the newest label) and σ is the members' spread about their "
+        "anchors there plus that first-order change (faster, but measured above the 5 % promise far from labels: "
+        "docs/method.md §6)",
     )
     criterion: Literal["energy", "forces", "both"] = Field(
         "energy", description="what the call decides on: P(|e| > ε) (energy), P(max_a |ΔF_a| > ε_F) (forces), "
