@@ -53,6 +53,7 @@ import numpy as np
 from ase.geometry import find_mic
 
 from flytune.bayes.calibration import Calibrator, force_z2
+from flytune.bayes.ensemble import combine
 from flytune.config import SafetyConfig
 
 
@@ -165,8 +166,7 @@ class LabelMisfit:
             return None
         delta = member_energy_eV - self.member_energy_eV + np.sum(
             self.member_forces_eV_A * self.displacement(atoms), axis=(1, 2))
-        spread = float(delta.var(ddof=1)) if len(delta) > 1 else 0.0
-        return float(np.sqrt(spread + float(sigma_energy) ** 2))
+        return float(np.sqrt(combine(delta, np.full(len(delta), float(sigma_energy) ** 2))[1]))
 
     def corrected(self, atoms, energy_eV: float, forces_eV_A: np.ndarray) -> tuple[float, np.ndarray]:
         r"""The members' mean energy and forces at ``atoms`` with the residual carried there
