@@ -216,6 +216,9 @@ def main() -> None:
                              "the entry's name gets _cycles<N>")
     parser.add_argument("--misfit-as", choices=("spread", "bias", "correction"),
                         help="[uncertainty] label_misfit_as; the entry's name gets _misfit_<as>")
+    parser.add_argument("--correction-order", type=int, choices=(1, 2),
+                        help="[uncertainty] correction_order (with --misfit-as correction); 2 names the entry "
+                             "_misfit_correction2")
     parser.add_argument("--discount", type=float,
                         help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "
                              "_discount<γ>")
@@ -239,6 +242,9 @@ def main() -> None:
     if args.misfit_as is not None:
         uncertainty["label_misfit_as"] = args.misfit_as
         name += f"_misfit_{args.misfit_as}"
+    if args.correction_order is not None:
+        uncertainty["correction_order"] = args.correction_order
+        name += "2" if args.correction_order == 2 else ""
     if args.discount is not None:
         uncertainty["calibration_discount"] = args.discount
         name += f"_discount{args.discount:g}"

@@ -121,6 +121,11 @@ class UncertaintyConfig(_Strict):
         "anchors there plus that first-order change (faster, but measured above the 5 % promise far from labels: "
         "docs/method.md §6)",
     )
+    correction_order: Literal[1, 2] = Field(
+        1, description="with label_misfit_as = correction: 1, the residual carried to first order; 2, also "
+        "the members' own change beyond first order from the label scaled by κ, the ratio of the reference's "
+        "curvature to theirs fitted at the calls (pretrained potentials are soft), whose uncertainty adds to σ",
+    )
     criterion: Literal["energy", "forces", "both"] = Field(
         "energy", description="what the call decides on: P(|e| > ε) (energy), P(max_a |ΔF_a| > ε_F) (forces), "
         "or either above the level (both)",

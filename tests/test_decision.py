@@ -5,7 +5,7 @@ import pytest
 
 from flytune.bayes.calibration import Calibrator
 from flytune.config import SafetyConfig
-from flytune.otf.decision import Decision, LabelMisfit, carried_error, trusted_sigma
+from flytune.otf.decision import CurvatureFit, Decision, LabelMisfit, carried_error, trusted_sigma
 
 
 def worked_example(safety=None) -> Decision:
@@ -187,6 +187,61 @@ def test_the_anchored_spread_ignores_what_the_label_fixes_and_grows_away_from_it
     assert restored.anchored_sigma(moved, energies(moved.positions, True), sigma_e) == pytest.approx(expected)
     assert LabelMisfit(positions, np.zeros((3, 3)), np.zeros(3, bool), 0.1, np.zeros((2, 3))).anchored_sigma(
         moved, np.zeros(3), sigma_e) is None
+
+
+def test_the_second_order_correction_recovers_a_uniformly_softer_model():
+    """``LabelMisfit.curvature`` and ``CurvatureFit`` (``correction_order = 2``): for
+    quadratic members along one coordinate u, q̂ = ½·mean(c_m)·u² and F_q = −mean(c_m)·u (a
+    central difference of q̂); against a reference 1 + κ times stiffer, the calls' errors of
+    the first-order corrected prediction give κ̄ → κ with its variance shrinking, the
+    corrected prediction then matches the reference to within Var κ; members softened
+    unevenly show as the scatter ρ²; no call: κ̄ = 0 and the prior's τ²·q̂²; the state
+    survives a checkpoint."""
+    from ase import Atoms
+
+    positions = np.array([[0.0, 0, 0], [0.9, 0, 0]])
+    offsets, slopes, curvatures = np.array([0.0, 0.5, -0.3]), np.array([0.2, -0.1, 0.4]), np.array([1.0, 2.0, 4.0])
+
+    def members(u):  # (M,) energies and (M, 2, 3) forces at the first atom's x displacement u
+        forces = np.zeros((3, 2, 3))
+        forces[:, 0, 0] = -(slopes + curvatures * u)
+        return offsets + slopes * u + 0.5 * curvatures * u**2, forces
+
+    misfit = LabelMisfit(positions, np.zeros((3, 3)), np.zeros(3, bool), 0.1, np.zeros((2, 3)), *members(0.0))
+    moved = lambda u: Atoms("H2", positions=positions + [[u, 0, 0], [0, 0, 0]])  # noqa: E731
+    u = 0.3
+    energy, forces = members(u)
+    q, force_q = misfit.curvature(moved(u), energy.mean(), forces.mean(axis=0))
+    assert q == pytest.approx(0.5 * curvatures.mean() * u**2, rel=1e-12)
+    assert force_q[0, 0] == pytest.approx(-curvatures.mean() * u, rel=1e-12) and np.allclose(force_q[1], 0)
+    h = 1e-5
+    central = [misfit.curvature(moved(u + d), members(u + d)[0].mean(), members(u + d)[1].mean(axis=0))[0]
+               for d in (h, -h)]
+    assert -(central[0] - central[1]) / (2 * h) == pytest.approx(force_q[0, 0], rel=1e-6)
+    assert misfit.curvature(Atoms("H3", positions=np.zeros((3, 3))), 0.0, np.zeros((3, 3))) is None
+
+    fit = CurvatureFit()
+    assert fit.correction(q) == (0.0, pytest.approx(q * q))  # no call: κ̄ = 0, Var κ = τ² = 1
+    kappa, s, rng = 0.4, 0.005, np.random.default_rng(0)
+    variances = []
+    for u_i in rng.uniform(-0.4, 0.4, 40):
+        q_i = 0.5 * curvatures.mean() * u_i**2
+        fit.observe(kappa * q_i + s * rng.normal(), q_i, s)
+        variances.append(1.0 / fit.precision)
+    assert fit.n == 40 and fit.ratio == pytest.approx(kappa, abs=0.02)
+    assert variances[-1] < variances[5] < variances[0] and fit.scatter < 0.01
+    added, variance = fit.correction(q)  # the reference's quadratic term (1 + κ)·q̂ from the members' q̂
+    assert q + added == pytest.approx((1 + kappa) * q, abs=3 * np.sqrt(variance))
+    restored = CurvatureFit.from_state_dict(fit.state_dict())
+    assert restored.correction(q) == fit.correction(q)
+
+    uneven = CurvatureFit()
+    for u_i in rng.uniform(-0.4, 0.4, 400):
+        q_i = 0.5 * curvatures.mean() * u_i**2
+        uneven.observe((kappa + 0.2 * rng.normal()) * q_i, q_i, s)
+    assert uneven.ratio == pytest.approx(kappa, abs=0.05) and uneven.scatter == pytest.approx(0.04, rel=0.3)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        fit.observe(0.1, 0.1, 0.0)
 
 
 def test_a_misfit_carried_as_a_bias_calls_where_the_expected_error_nears_eps():

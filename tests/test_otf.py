@@ -397,6 +397,48 @@ def test_a_corrected_run_gives_the_md_the_reference_at_a_waiting_label(workdir):
     assert any(r["energy_eV"] != pytest.approx(members[r["force_call"]][0], abs=1e-9) for r in uncalled)
 
 
+def test_a_second_order_correction_adds_the_fitted_curvature_and_learns_it_at_calls(workdir):
+    """``correction_order = 2``: each step's prediction is the members' mean less d(x) plus
+    κ̄·q̂ (q̂ the members' change beyond first order from the newest label, κ̄ the fit before
+    the step); every call after the first, with a label to anchor on, feeds the fit, which
+    a checkpoint carries."""
+    from ase import Atoms
+
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3),
+        UncertaintyConfig(threshold=0.05, threshold_unit="eV", label_misfit_as="correction", correction_order=2),
+        seed=0,
+    )
+    interventions = []
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              on_intervention=lambda label, iv: interventions.append(iv))
+    predict, seen = ensemble.predict, {}
+
+    def spy(structures, **kwargs):  # the members' mean, the misfit and κ̄ at each force call's structure
+        out = predict(structures, **kwargs)
+        structure = structures if isinstance(structures, Atoms) else structures[0]
+        seen.setdefault(calc.state.force_calls, (structure.copy(), float(out.energy[0]), out.forces.copy(),
+                                                 calc.misfit, calc.curvature_fit.ratio))
+        return out
+
+    ensemble.predict = spy
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(8)
+    anchored = [iv for iv in interventions[1:] if seen[iv.force_call][3] is not None]
+    assert len(anchored) >= 2 and calc.curvature_fit.n == len(anchored)
+    for iv in anchored:
+        structure, energy, forces, misfit, ratio = seen[iv.force_call]
+        q = misfit.curvature(structure, energy, forces)[0]
+        assert (iv.curvature, iv.curvature_ratio) == (pytest.approx(q, rel=1e-9), ratio)
+        assert iv.correction == pytest.approx(-misfit.carried(structure)[0] + ratio * q, rel=1e-9, abs=1e-12)
+        assert iv.error == pytest.approx(iv.energy_ref - iv.energy_pred, rel=1e-9)
+    assert calc.curvature_fit.ratio != 0 and any(iv.curvature_ratio != 0 for iv in anchored)
+    resumed = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"))
+    resumed.load_state_dict(calc.state_dict())
+    assert resumed.curvature_fit == calc.curvature_fit
+
+
 def test_a_critical_miss_after_an_update_that_missed_waits_for_the_cost_rule(workdir):
     """Deferred, critical_factor 1: a call whose |e| > ε updates at once only while the last
     update learned its own newest label (its misfit there, as σ, gives P(|e| > ε) within

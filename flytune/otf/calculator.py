@@ -43,7 +43,7 @@ from flytune.bayes.runners import worker_of
 from flytune.config import SafetyConfig, UpdatesConfig
 from flytune.data import labelled
 from flytune.otf import faults
-from flytune.otf.decision import Decision, LabelMisfit, Verdict, carried_error, trusted_sigma
+from flytune.otf.decision import CurvatureFit, Decision, LabelMisfit, Verdict, carried_error, trusted_sigma
 from flytune.errors import FlytuneError
 from flytune.otf.reference import Reference, ReferenceFailure, as_reference, compute_concurrently
 from flytune.otf.rundir import label_from_record, label_record
@@ -115,8 +115,13 @@ class Intervention:
     #: μ (eV): the error expected here (the label misfit carried as a bias; 0 as spread)
     error_mean: float = 0.0
     #: −d(x) (eV): the carried residual added to the members' mean (``label_misfit_as =
-    #: "correction"``; ``energy_pred`` and ``error`` are of the corrected prediction)
+    #: "correction"``; ``energy_pred`` and ``error`` are of the corrected prediction), with
+    #: κ̄·q̂ under ``correction_order = 2``
     correction: float = 0.0
+    #: q̂ (eV): the members' change beyond first order from the newest label, and κ̄ then
+    #: (``correction_order = 2``, :class:`~flytune.otf.decision.CurvatureFit`)
+    curvature: float = 0.0
+    curvature_ratio: float = 0.0
     #: called because r raised σ: with the ensemble's σ alone P(|e| > ε) was below the level
     by_misfit: bool = False
     #: why the posterior update ran right after this call (flytune.otf.updates), or "deferred"
@@ -160,6 +165,9 @@ class ForceCall:
     correction: float = 0.0  # eV, −d(x) added to the members' mean energy (label_misfit_as = correction)
     member_energy: np.ndarray | None = None  # (M,) eV: each member's energy (their mean is the ensemble's)
     member_forces: np.ndarray | None = None  # (M, n, 3) eV/Å
+    #: (q̂ (eV), κ̄, s (eV)) under correction_order = 2: the curvature term, the ratio that
+    #: scaled it into the prediction and the std the decision had without its variance
+    curvature: tuple[float, float, float] | None = None
 
 
 @dataclass
@@ -260,6 +268,10 @@ class OnTheFlyCalculator(Calculator):
         #: per walker, how the members that predict now miss its newest label, and that label
         self.misfits: dict[int, LabelMisfit] = {}
         self.newest: dict[int, Atoms] = {}
+        #: κ, fitted at the calls (``correction_order = 2``); None otherwise
+        self.curvature_fit = (CurvatureFit(discount=u.calibration_discount)
+                              if self._corrects and u.correction_order == 2
+                              else None)
         self.on_update_progress = on_update_progress
         self.stop = None  # a StopFlag: a stop during an update raises UpdateInterrupted
         self.script = None  # the run directory a script's calculator keeps (flytune.otf.scripted)
@@ -403,13 +415,21 @@ class OnTheFlyCalculator(Calculator):
             ensemble_sigma = sigma
             misfit = self.misfits.get(walker)
             member_energy = pred.member_energy[:, i]
-            correction = 0.0
+            correction, curved, curvature = 0.0, None, None
             if misfit is not None and self._corrects:
+                if self.curvature_fit is not None:
+                    curved = misfit.curvature(atoms, energy, forces)
                 corrected, forces = misfit.corrected(atoms, energy, forces)
+                if curved is not None:  # the second-order term, κ̄·(q̂, F_q)
+                    added, variance = self.curvature_fit.correction(curved[0])
+                    corrected, forces = corrected + added, forces + self.curvature_fit.ratio * curved[1]
                 energy, correction = corrected, corrected - energy
                 anchored = misfit.anchored_sigma(atoms, member_energy, self.ensemble.model.energy_sigma)
                 sigma = sigma if anchored is None else anchored
             mean, sigma, r = self._with_misfit(misfit, atoms, sigma)
+            if curved is not None:
+                curvature = (curved[0], self.curvature_fit.ratio, sigma)
+                sigma = float(np.sqrt(sigma**2 + variance))
             last = st.walker_last_call.get(walker)
             mine = st.walker_force_calls[walker]
             verdict = self.decision.decide(sigma, mean=mean, labels=0 if first_round else 1,
@@ -429,7 +449,7 @@ class OnTheFlyCalculator(Calculator):
                                  self.decision.prob_exceed(ensemble_sigma), verdict.prob_force_exceed)),
                              forces_var=forces_var, force_deviation=float(pred.force_deviation[mine_atoms].max()),
                              error_mean=mean, correction=correction, member_energy=member_energy,
-                             member_forces=pred.member_forces[:, mine_atoms])
+                             member_forces=pred.member_forces[:, mine_atoms], curvature=curvature)
             steps.append(step)
             if verdict.call:
                 calls.append(step)
@@ -717,6 +737,9 @@ class OnTheFlyCalculator(Calculator):
             step.force_error_max = float(np.linalg.norm(force_error, axis=1).max())
             if not first:
                 self.decision.observe(step.error, step.sigma, step.error_mean)  # σ, μ predicted before the update
+                if step.curvature is not None:  # e₁, the first-order corrected prediction's error
+                    q, ratio, s = step.curvature
+                    self.curvature_fit.observe(step.error + ratio * q, q, s)
                 self.decision.observe_forces(force_error, step.forces_var)
             self.state.time_reference_s += reference_s
             reason = self.schedule.add(label, error_eV=step.error, reference_s=reference_s, first=first,
@@ -748,6 +771,8 @@ class OnTheFlyCalculator(Calculator):
                 update=due or ("deferred: " + step.waits_because if step.waits_because else "deferred"),
                 label_misfit=step.misfit, error_mean=step.error_mean, by_misfit=step.by_misfit, update_running=update_running,
                 correction=step.correction,
+                curvature=0.0 if step.curvature is None else step.curvature[0],
+                curvature_ratio=0.0 if step.curvature is None else step.curvature[1],
                 walker=step.walker, calls_at_once=step.calls_at_once, force_error_max=step.force_error_max,
                 prob_force_exceed=step.verdict.prob_force_exceed,
             )
@@ -768,6 +793,7 @@ class OnTheFlyCalculator(Calculator):
         return {"state": asdict(self.state), "cache": cache, "schedule": schedule,
                 "force_calibration": None if force_calibrator is None else force_calibrator.state_dict(),
                 "misfits": {w: m.state_dict() for w, m in self.misfits.items()},
+                "curvature_fit": None if self.curvature_fit is None else self.curvature_fit.state_dict(),
                 "newest": {w: label_record(a) for w, a in self.newest.items()}}
 
     def load_state_dict(self, state: dict, atoms: Atoms | None = None) -> None:
@@ -787,6 +813,9 @@ class OnTheFlyCalculator(Calculator):
         misfits = state.get("misfits", {0: state["misfit"]} if state.get("misfit") else {})
         self.misfits = {int(w): LabelMisfit.from_state_dict(m) for w, m in misfits.items()}
         self.newest = {int(w): label_from_record(r) for w, r in state.get("newest", {}).items()}
+        if self.curvature_fit is not None and state.get("curvature_fit") is not None:
+            self.curvature_fit = CurvatureFit.from_state_dict({**state["curvature_fit"],
+                                                               "discount": self.curvature_fit.discount})
         force_calibration = state.get("force_calibration")
         if force_calibration is not None and self.decision.force_calibrator is not None:
             restored = Calibrator.from_state_dict(force_calibration)

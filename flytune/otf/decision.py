@@ -47,7 +47,7 @@ MD is given (:meth:`LabelMisfit.corrected`), so μ = 0, and its first-order chan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from ase.geometry import find_mic
@@ -180,6 +180,24 @@ class LabelMisfit:
         members predict it."""
         return float(energy_eV) - self.carried(atoms)[0], np.asarray(forces_eV_A) - self.force_residual_eV_A
 
+    def curvature(self, atoms, energy_eV: float, forces_eV_A: np.ndarray) -> tuple[float, np.ndarray] | None:
+        r"""The members' mean change from L beyond first order at ``atoms``, and its forces:
+
+            q̂(x) = Ê(x) − Ê(x_L) + F̂(x_L)·Δx ≈ ½ Δxᵀ Ĥ Δx (eV),    F_q(x) = −∂q̂/∂x = F̂(x) − F̂(x_L) (eV/Å),
+
+        ``energy_eV`` Ê(x) and ``forces_eV_A`` F̂(x) the members' mean at ``atoms`` (before
+        any correction), Ê(x_L), F̂(x_L) the same members' mean at L (:attr:`member_energy_eV`,
+        :attr:`member_forces_eV_A`), Ĥ their Hessian. The first-order corrected prediction
+        (:meth:`corrected`) is E_ref(x_L) − F_ref(x_L)·Δx + q̂(x): the reference's value
+        and slope at L with the members' curvature. None without the members at L or with
+        another number of atoms."""
+        forces_eV_A = np.asarray(forces_eV_A, dtype=float)
+        if self.member_energy_eV is None or self.member_forces_eV_A.shape[1:] != forces_eV_A.shape:
+            return None
+        at_label = self.member_forces_eV_A.mean(axis=0)
+        q = float(energy_eV) - float(self.member_energy_eV.mean()) + float(np.sum(at_label * self.displacement(atoms)))
+        return q, forces_eV_A - at_label
+
     def at(self, atoms) -> float:
         """r(x) = |d(x)| (eV) at ``atoms`` (same atoms as the label)."""
         return abs(self.carried(atoms)[0])
@@ -198,6 +216,83 @@ class LabelMisfit:
         members = [np.array(state[k]) if k in state else None for k in ("member_energy_eV", "member_forces_eV_A")]
         return cls(np.array(state["positions"]), np.array(state["cell"]), np.array(state["pbc"], dtype=bool),
                    float(state["energy_residual_eV"]), np.array(state["force_residual_eV_A"]), *members)
+
+
+@dataclass
+class CurvatureFit:
+    r"""The ratio κ by which the reference's curvature about a label exceeds the members'
+    own, fitted on the fly from the errors at the calls (``[uncertainty] correction_order
+    = 2``), and the second-order correction it gives.
+
+    About the newest label L, the first-order corrected prediction (:meth:`LabelMisfit.corrected`)
+    has the reference's value and slope and the members' curvature, so its error is
+    e₁ = q_ref(x) − q̂(x) + O(Δx³), q the change beyond first order (:meth:`LabelMisfit.curvature`).
+    For members whose Hessian is the reference's uniformly softened, Ĥ = H_ref/(1 + κ)
+    (pretrained universal potentials are systematically soft: their curvature, phonon
+    frequencies and barriers come out low, Deng et al. 2024), e₁ = κ·q̂. Each call i with a
+    label to anchor on gives (q̂ᵢ, e₁ᵢ, sᵢ), sᵢ the std the decision had there without this
+    term. A Gaussian prior κ ~ N(0, τ²) (τ = ``prior_scale``) and errors e₁ᵢ ~ N(κ q̂ᵢ, sᵢ²) give
+
+        κ̄ = (Σ wᵢ e₁ᵢ q̂ᵢ / sᵢ²) / P,    Var κ = 1/P,    P = 1/τ² + Σ wᵢ q̂ᵢ² / sᵢ²,
+
+    and the scatter about κ q̂ that the sᵢ do not explain (members softened unevenly across
+    modes), per unit q̂², by moments: ρ² = max(0, Σ wᵢ [(e₁ᵢ − κ̄ q̂ᵢ)² − sᵢ²]) / Σ wᵢ q̂ᵢ².
+    At a structure the prediction then gains κ̄·q̂ (forces κ̄·F_q: the corrected surface stays
+    a potential between calls, the members' own scaled by 1 + κ̄ about L) and its variance
+    (Var κ + ρ²)·q̂². wᵢ = γ^{n−i} forgets calls made by a model the run no longer has, with the
+    calibration's discount γ (γ = 1: every call counts alike). Before any call κ̄ = 0 and the
+    correction is the first-order one."""
+
+    prior_scale: float = 1.0  # τ, dimensionless
+    discount: float = 1.0  # γ
+    n: int = 0
+    sum_qq: float = 0.0  # Σ w q̂²/s²
+    sum_eq: float = 0.0  # Σ w e₁ q̂/s²
+    sum_q2: float = 0.0  # Σ w q̂² (eV²)
+    sum_excess: float = 0.0  # Σ w (e₁² − s²), (eV²): with the sums below, the scatter's moments
+    sum_e_q: float = 0.0  # Σ w e₁ q̂ (eV²)
+
+    def observe(self, error_eV: float, curvature_eV: float, sigma_eV: float) -> None:
+        """Record one call: e₁ (the first-order corrected prediction's error), q̂ and s (eV)."""
+        if not (np.isfinite(error_eV) and np.isfinite(curvature_eV) and np.isfinite(sigma_eV) and sigma_eV > 0):
+            raise ValueError(f"need a finite error and curvature and sigma > 0, got {error_eV}, {curvature_eV}, {sigma_eV}")
+        g, e, q, s2 = self.discount, float(error_eV), float(curvature_eV), float(sigma_eV) ** 2
+        self.n += 1
+        self.sum_qq = g * self.sum_qq + q * q / s2
+        self.sum_eq = g * self.sum_eq + e * q / s2
+        self.sum_q2 = g * self.sum_q2 + q * q
+        self.sum_excess = g * self.sum_excess + e * e - s2
+        self.sum_e_q = g * self.sum_e_q + e * q
+
+    @property
+    def precision(self) -> float:
+        """P = 1/τ² + Σ w q̂²/s²."""
+        return 1.0 / self.prior_scale**2 + self.sum_qq
+
+    @property
+    def ratio(self) -> float:
+        """κ̄, the posterior mean (dimensionless)."""
+        return self.sum_eq / self.precision
+
+    @property
+    def scatter(self) -> float:
+        """ρ² (dimensionless): Σ w (e₁ − κ̄q̂)² − Σ w s² = Σ w (e₁² − s²) − 2κ̄ Σ w e₁q̂ + κ̄² Σ w q̂²."""
+        if self.sum_q2 <= 0:
+            return 0.0
+        k = self.ratio
+        return max(0.0, self.sum_excess - 2 * k * self.sum_e_q + k * k * self.sum_q2) / self.sum_q2
+
+    def correction(self, curvature_eV: float) -> tuple[float, float]:
+        """(κ̄ q̂, (Var κ + ρ²) q̂²): the energy added (eV) and the variance it adds (eV²)."""
+        q = float(curvature_eV)
+        return self.ratio * q, (1.0 / self.precision + self.scatter) * q * q
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> CurvatureFit:
+        return cls(**state)
 
 
 @dataclass(frozen=True)
