@@ -183,6 +183,17 @@ def conformer_analysis(run_dir, out_png) -> dict:
     }
 
 
+def curvature_ratio(run_dir: Path) -> dict:
+    """κ̄ of ``correction_order = 2`` at the calls (the fit before each): first, median and
+    last; {} for a run without it."""
+    ratios = [r.get("curvature_ratio", 0.0) for r in map(json.loads, (run_dir / "interventions.jsonl").open())]
+    ratios = [k for k in ratios if k != 0.0]
+    if not ratios:
+        return {}
+    return {"curvature_ratio": {"first": ratios[0], "median": float(np.median(ratios)), "last": ratios[-1],
+                                "calls": len(ratios)}}
+
+
 def ethanol_config(backbone: str, folder: Path, ps: float, updates: dict, uncertainty: dict | None = None) -> RunConfig:
     """The on-the-fly ethanol run of this benchmark (run directory ``folder/run``): seed 1,
     the fast posterior, ε = 0.5 kcal/mol, Langevin 300 K at 0.5 fs for ``ps`` picoseconds,
@@ -261,6 +272,7 @@ def main() -> None:
         labels="the reference's own forces (before 2026-12-03: the MD's FixCom projection of them)",
         posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates_settings=updates,
         uncertainty_settings=uncertainty,
+        **curvature_ratio(run_dir),
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
         conformers=conformer_analysis(run_dir, plots / "conformers.png"),
     )

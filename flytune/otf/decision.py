@@ -42,7 +42,9 @@ likelihood's σ_E (:func:`trusted_sigma`); as a bias, the residual carried to th
 structure is the expected error μ and its first-order change adds to σ
 (:func:`carried_error`); as a correction, that residual is taken off the prediction the
 MD is given (:meth:`LabelMisfit.corrected`), so μ = 0, and its first-order change adds to
-σ as with the bias.
+σ as with the bias. With ``correction_order = 2`` the correction also scales the members'
+own change beyond first order from the label by κ̄, the ratio of the reference's curvature
+to theirs fitted at the calls (:class:`CurvatureFit`), whose uncertainty adds to σ.
 """
 
 from __future__ import annotations
