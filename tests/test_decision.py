@@ -207,8 +207,10 @@ def test_the_second_order_correction_recovers_a_uniformly_softer_model():
         forces[:, 0, 0] = -(slopes + curvatures * u)
         return offsets + slopes * u + 0.5 * curvatures * u**2, forces
 
+    def moved(u):
+        return Atoms("H2", positions=positions + [[u, 0, 0], [0, 0, 0]])
+
     misfit = LabelMisfit(positions, np.zeros((3, 3)), np.zeros(3, bool), 0.1, np.zeros((2, 3)), *members(0.0))
-    moved = lambda u: Atoms("H2", positions=positions + [[u, 0, 0], [0, 0, 0]])  # noqa: E731
     u = 0.3
     energy, forces = members(u)
     q, force_q = misfit.curvature(moved(u), energy.mean(), forces.mean(axis=0))
