@@ -223,7 +223,7 @@ def test_the_second_order_correction_recovers_a_uniformly_softer_model():
     assert misfit.curvature(Atoms("H3", positions=np.zeros((3, 3))), 0.0, np.zeros((3, 3))) is None
 
     fit = CurvatureFit()
-    assert fit.correction(q) == (0.0, pytest.approx(q * q))  # no call: κ̄ = 0, Var κ = τ² = 1
+    assert (fit.ratio, fit.variance(q)) == (0.0, pytest.approx(q * q))  # no call: κ̄ = 0, Var κ = τ² = 1
     kappa, s, rng = 0.4, 0.005, np.random.default_rng(0)
     variances = []
     for u_i in rng.uniform(-0.4, 0.4, 40):
@@ -232,10 +232,10 @@ def test_the_second_order_correction_recovers_a_uniformly_softer_model():
         variances.append(1.0 / fit.precision)
     assert fit.n == 40 and fit.ratio == pytest.approx(kappa, abs=0.02)
     assert variances[-1] < variances[5] < variances[0] and fit.scatter < 0.01
-    added, variance = fit.correction(q)  # the reference's quadratic term (1 + κ)·q̂ from the members' q̂
+    added, variance = fit.ratio * q, fit.variance(q)  # the reference's quadratic term (1 + κ)·q̂ from the members' q̂
     assert q + added == pytest.approx((1 + kappa) * q, abs=3 * np.sqrt(variance))
     restored = CurvatureFit.from_state_dict(fit.state_dict())
-    assert restored.correction(q) == fit.correction(q)
+    assert (restored.ratio, restored.variance(q)) == (fit.ratio, fit.variance(q))
 
     uneven = CurvatureFit()
     for u_i in rng.uniform(-0.4, 0.4, 400):

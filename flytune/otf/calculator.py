@@ -421,15 +421,15 @@ class OnTheFlyCalculator(Calculator):
                     curved = misfit.curvature(atoms, energy, forces)
                 corrected, forces = misfit.corrected(atoms, energy, forces)
                 if curved is not None:  # the second-order term, κ̄·(q̂, F_q)
-                    added, variance = self.curvature_fit.correction(curved[0])
-                    corrected, forces = corrected + added, forces + self.curvature_fit.ratio * curved[1]
+                    ratio = self.curvature_fit.ratio
+                    corrected, forces = corrected + ratio * curved[0], forces + ratio * curved[1]
                 energy, correction = corrected, corrected - energy
                 anchored = misfit.anchored_sigma(atoms, member_energy, self.ensemble.model.energy_sigma)
                 sigma = sigma if anchored is None else anchored
             mean, sigma, r = self._with_misfit(misfit, atoms, sigma)
             if curved is not None:
-                curvature = (curved[0], self.curvature_fit.ratio, sigma)
-                sigma = float(np.sqrt(sigma**2 + variance))
+                curvature = (curved[0], ratio, sigma)
+                sigma = float(np.sqrt(sigma**2 + self.curvature_fit.variance(curved[0])))
             last = st.walker_last_call.get(walker)
             mine = st.walker_force_calls[walker]
             verdict = self.decision.decide(sigma, mean=mean, labels=0 if first_round else 1,

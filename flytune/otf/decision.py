@@ -284,10 +284,9 @@ class CurvatureFit:
         k = self.ratio
         return max(0.0, self.sum_excess - 2 * k * self.sum_e_q + k * k * self.sum_q2) / self.sum_q2
 
-    def correction(self, curvature_eV: float) -> tuple[float, float]:
-        """(κ̄ q̂, (Var κ + ρ²) q̂²): the energy added (eV) and the variance it adds (eV²)."""
-        q = float(curvature_eV)
-        return self.ratio * q, (1.0 / self.precision + self.scatter) * q * q
+    def variance(self, curvature_eV: float) -> float:
+        """(Var κ + ρ²)·q̂² (eV²): what the term κ̄·q̂ adds to σ² at a structure with q̂ (eV)."""
+        return (1.0 / self.precision + self.scatter) * float(curvature_eV) ** 2
 
     def state_dict(self) -> dict:
         return asdict(self)
