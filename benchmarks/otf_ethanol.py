@@ -230,6 +230,10 @@ def main() -> None:
     parser.add_argument("--correction-order", type=int, choices=(1, 2),
                         help="[uncertainty] correction_order (with --misfit-as correction); 2 names the entry "
                              "_misfit_correction2")
+    parser.add_argument("--final-cycles", type=int,
+                        help="[updates] final_cycles (cycles over all labels after the last MD step; default 1); "
+                             "they come after the MD, so a complete run in the same directory is continued with "
+                             "the extra cycles, and the entry is named <name>_final<N>")
     parser.add_argument("--discount", type=float,
                         help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "
                              "_discount<γ>")
@@ -260,6 +264,9 @@ def main() -> None:
         uncertainty["calibration_discount"] = args.discount
         name += f"_discount{args.discount:g}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
+    if args.final_cycles is not None:
+        updates["final_cycles"] = args.final_cycles
+        name += f"_final{args.final_cycles}"
     config = ethanol_config(backbone, folder, args.ps, updates, uncertainty)
     run_dir = Path(config.run_dir)
     summary = run_for(config, args.hours, args.state)
