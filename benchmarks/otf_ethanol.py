@@ -272,7 +272,7 @@ def main() -> None:
     summary = run_for(config, args.hours, args.state)
     if args.state:
         return
-    plots = RESULTS / f"otf_ethanol_{name}"
+    plots = RESULTS / folder.name  # a _final<N> entry is the same run: its plots with it
     result = otf_result(summary, run_dir, plots, args.ps)
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
