@@ -47,7 +47,8 @@ label_misfit_as = "bias"       # that miss, carried to first order, is the error
                                # "correction": it is taken off the energy and forces the MD is given;
                                # faster, but measured above the 5 % promise far from labels: docs/method.md §6)
 correction_order = 1           # 2 (with "correction"): also the members' curvature about the label, scaled by the
-                               # reference-to-members curvature ratio fitted at the calls
+                               # reference-to-members curvature ratio fitted at the calls (helps a soft foundation,
+                               # measured above the 5 % promise on a close one: docs/method.md §6)
 calibration_checks = 5         # calls at 1, 2, 4, 8, 16 steps from the last until 5 errors are seen
 calibration_discount = 1.0     # γ < 1: the error seen k calls ago weighs γ^k (memory ≈ 1/(1−γ) calls)
 criterion = "energy"           # energy | forces | both: which P(error > threshold) decides a call
