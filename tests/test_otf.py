@@ -475,6 +475,46 @@ def test_a_critical_miss_after_an_update_that_missed_waits_for_the_cost_rule(wor
     assert not all(u["learned"] for u in updates)
 
 
+@pytest.mark.parametrize("force_threshold", [1.5, 2.5])
+def test_under_the_force_criterion_an_update_learns_its_label_only_within_eps_f(workdir, force_threshold):
+    """criterion = "forces", deferred: an update has learned its newest label only if no
+    atom's force is off by more than ε_F there and P(max_a |ΔF_a| > ε_F) from the per-atom
+    force stds there is within 5 % (the energy threshold, 10 eV, never objects here); a
+    force miss above ε_F after an update that did not learn waits instead of updating at
+    once (on a periodic cell whose max-atom force errors sit near ε_F, updating at every
+    such call cost one update per frame)."""
+    from flytune.config import UpdatesConfig
+
+    u = UncertaintyConfig(threshold=10.0, threshold_unit="eV", criterion="forces", force_threshold=force_threshold,
+                          force_threshold_unit="eV/A")
+    ensemble = Ensemble.from_config(
+        ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3), u, seed=0)
+    records, expected, ivs = [], [], []
+
+    def on_update(record):  # the premise, measured here with the members the update left
+        label = calc.newest[0]
+        pred = ensemble.predict([label])
+        residual = np.linalg.norm(pred.forces - label.get_forces(apply_constraint=False), axis=1).max()
+        prob = calc.decision.prob_force_exceed(np.sqrt(pred.forces_var.mean(axis=1)))
+        expected.append(bool(residual <= force_threshold and prob <= 0.05))
+        records.append(record)
+
+    calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
+                              updates=UpdatesConfig(policy="deferred", max_pending=3), on_update=on_update,
+                              on_intervention=lambda atoms, iv: ivs.append(iv))
+    atoms = read(workdir / "cu4.xyz")
+    atoms.calc = calc
+    VelocityVerlet(atoms, 2 * units.fs).run(12)
+    assert len(records) > 2 and [r["learned"] for r in records] == expected
+    assert not all(expected)
+    if force_threshold == 2.5:
+        assert expected[0]  # the first update learned its label, later ones did not
+    missed = [iv for iv in ivs[1:] if iv.force_error_max > force_threshold]
+    if force_threshold == 1.5:
+        assert missed and all(iv.update.startswith("deferred: critical, but the last update missed") or
+                              iv.update == "max pending" for iv in missed)
+
+
 def test_an_update_that_misses_its_newest_label_runs_more_cycles_up_to_max_cycles(workdir):
     """[updates] max_cycles: a blocking update that has not learned its newest label runs
     one more cycle on the same labels (the data set does not grow), up to max_cycles; one

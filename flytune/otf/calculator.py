@@ -640,7 +640,10 @@ class OnTheFlyCalculator(Calculator):
         arrived during a background update included; ``labels``: those the update learned,
         for a checkpoint from before per-walker labels): whether the update learned them,
         i.e. the misfit left there, as the decision takes it (``label_misfit_as``) with σ_E,
-        keeps P(|e| > ε) within the call level."""
+        keeps P(|e| > ε) within the call level; under a force criterion (``criterion =
+        "forces"`` or ``"both"``) also no atom's force off by more than ε_F there and
+        P(max_a |ΔF_a| > ε_F) from the per-atom force stds there within the level: an update
+        after which the rule would call at its own label has not learned it."""
         if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
@@ -650,19 +653,25 @@ class OnTheFlyCalculator(Calculator):
         if not self.newest:  # a checkpoint from before per-walker labels
             self.newest[int(labels[-1].info.get("walker", 0))] = labels[-1]
         walkers = sorted(self.newest)  # each walker's newest label (one that came during a background update too)
+        force_sigma = {}
         if walkers:
             newest = [self.newest[w] for w in walkers]
             pred = self.ensemble.predict(newest)
             for i, (walker, label) in enumerate(zip(walkers, newest)):
-                self.misfits[walker] = LabelMisfit.measure(label, pred.member_energy[:, i],
-                                                           pred.member_forces[:, pred.structure_index == i],
+                mine = pred.structure_index == i
+                self.misfits[walker] = LabelMisfit.measure(label, pred.member_energy[:, i], pred.member_forces[:, mine],
                                                            self.ensemble.data.energy_offset)
+                force_sigma[walker] = np.sqrt(pred.forces_var[mine].mean(axis=1))
         self.state.time_predict_s += time.perf_counter() - start
-        sigma_e = self.ensemble.model.energy_sigma
+        sigma_e, d = self.ensemble.model.energy_sigma, self.decision
         for walker in walkers:  # the members' own miss, whether or not the MD is given it corrected
             mean, sigma, _ = self._with_misfit(self.misfits[walker], self.newest[walker], sigma_e, enabled=True,
                                                uncorrected=True)
-            if self.decision.wants_call(self.decision.prob_exceed(sigma, mean)):
+            if d.wants_call(d.prob_exceed(sigma, mean)):
+                return False
+            if d.criterion != "energy" and (
+                    np.linalg.norm(self.misfits[walker].force_residual_eV_A, axis=1).max() > d.force_threshold_eV_A
+                    or d.wants_call(d.prob_force_exceed(force_sigma[walker]))):
                 return False
         return True
 
