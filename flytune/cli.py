@@ -337,7 +337,7 @@ def init_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Annotated[Path, typer.Option(help="output folder (config, run directory)")] = Path("demo-out"),
-    steps: Annotated[int, typer.Option(help="MD steps of 0.5 fs")] = 400,
+    steps: Annotated[Optional[int], typer.Option(help="MD steps of 0.5 fs (default: 300, 0.15 ps)")] = None,
     cycle_steps: Annotated[int, typer.Option(help="SGHMC steps per update")] = 40,
     max_calls: Annotated[Optional[int], typer.Option(help="cap on reference calls (default: none)")] = None,
     force_after: Annotated[Optional[int], typer.Option(
@@ -345,8 +345,9 @@ def demo_cmd(
     quiet: bool = False,
 ) -> None:
     """On-the-fly fine-tuning of SevenNet-0 on ethanol (300 K, PySCF B3LYP/6-31G*); resumes if re-run."""
-    from flytune.demo import write_demo
+    from flytune.demo import DEMO_STEPS, write_demo
 
+    steps = steps or DEMO_STEPS
     config = write_demo(out, steps=steps, cycle_steps=cycle_steps, max_calls=max_calls, force_after=force_after)
     console.print(f"demo: on-the-fly ethanol, {steps} steps of 0.5 fs, config {config}")
     run_cmd(config, quiet=quiet)

@@ -159,7 +159,7 @@ def test_demo_config_is_the_example_with_the_demo_cuts(tmp_path):
         "model": {"backbone": "7net-0", "chains": 2, "cycle_steps": 40, "eta_max": 1e-3, "workers": 2},
         "reference": {"name": "pyscf", "options": {"xc": "b3lyp", "basis": "6-31g*", "density_fit": True}},
         "uncertainty": {"threshold": 1.0, "threshold_unit": "kcal/mol"},
-        "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": 400},
+        "md": {"driver": "langevin", "timestep_fs": 0.5, "temperature_K": 300, "steps": 300},
     })
     config = load_run_config(path)
     assert config == expected
@@ -168,5 +168,5 @@ def test_demo_config_is_the_example_with_the_demo_cuts(tmp_path):
     assert (capped.safety.max_reference_calls, capped.safety.force_call_after) == (25, 40)
     text = path.read_text()
     assert text.startswith("# flytune demo") and "# " in text.split("[model]")[1]  # the example's comments stay
-    assert tomllib.loads(text)["md"]["steps"] == 400
+    assert tomllib.loads(text)["md"]["steps"] == 300
     assert (tmp_path / "ethanol.xyz").exists()
