@@ -12,7 +12,7 @@ Reported per run (``results/misfit_drift.json``, one entry per run name):
   median scale s the rule used there (``calibrated_std`` at a call; at a frame the s
   that gives the recorded P(|e| > ε) under a Student-t with the calibration's ν and no
   bias, as in ``label_misfit_as = "correction"``);
-- three σ models scored on the uncalled random frames, each fitted *online* on the calls
+- four σ models scored on the uncalled random frames, each fitted *online* on the calls
   made before the frame (as a run would have it), by how many of the frames above ε
   they flag (P > 5 %) and how many frames they flag in all (a proxy for the calls they
   would add):
@@ -36,6 +36,7 @@ from ase.io import read
 from common import ROOT, update_results
 from scipy import optimize, stats
 
+from flytune.bayes.calibration import prob_within
 from flytune.otf.rundir import RunDirectory
 from flytune.units import KCAL_MOL
 
@@ -51,7 +52,8 @@ def distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((da - db) ** 2)))
 
 
-def by_gap(gap, err, scale) -> list[dict]:
+def by_gap(gap, err, scale, above) -> list[dict]:
+    """rms error, median scale and count above ε per bin of :data:`GAP_BINS`."""
     rows = []
     for lo, hi in zip(GAP_BINS[:-1], GAP_BINS[1:]):
         m = (gap >= lo) & (gap < hi)
@@ -59,7 +61,7 @@ def by_gap(gap, err, scale) -> list[dict]:
             rows.append({"gap_steps": [lo, hi], "n": int(m.sum()),
                          "rms_error_kcal": float(np.sqrt(np.mean(err[m] ** 2)) / KCAL_MOL),
                          "median_s_kcal": float(np.median(scale[m]) / KCAL_MOL),
-                         "above_eps": None})
+                         "above_eps": int(np.sum(above[m]))})
     return rows
 
 
@@ -78,6 +80,8 @@ def analyse(name: str) -> dict:
     # the calls after the first: error, the rule's scale, ν, gap and distance from the label before
     c_err = np.array([c["error"] for c in calls[1:]])
     c_s = np.array([c["calibrated_std"] for c in calls[1:]])
+    c_nu = 2 * np.array([c["shape"] for c in calls[1:]])
+    c_z2 = (c_err / c_s) ** 2
     c_gap = np.diff(call_step)
     c_d = np.array([distance(labels[k].positions, labels[k - 1].positions) for k in range(1, len(calls))])
     c_bin = np.digitize(c_gap, GAP_BINS) - 1
@@ -101,21 +105,20 @@ def analyse(name: str) -> dict:
     above = np.abs(f_err) > eps
     f_bin = np.digitize(f_gap, GAP_BINS) - 1
 
-    def prob(scale, nu):
-        return 2 * stats.t.sf(eps / np.maximum(scale, 1e-12), nu)
+    def prob(scale, nu):  # P(|e| > ε) under a Student-t of scale s and ν degrees of freedom
+        return 1 - prob_within(eps, np.maximum(scale, 1e-12), nu / 2, nu / 2)
 
     models: dict[str, np.ndarray] = {"as run": f_p}
     distance_p, stratified_p, floor_p, gap_rms_p = [], [], [], []
     for i in range(len(rows)):
         prior = call_step[1:] < f_step[i]
-        e, s, d, nu = c_err[prior], c_s[prior], c_d[prior], 2 * np.array([c["shape"] for c in calls[1:]])[prior]
+        e, s, d, nu = c_err[prior], c_s[prior], c_d[prior], c_nu[prior]
         fit = optimize.minimize_scalar(lambda lb: -np.sum(stats.t.logpdf(e, nu, scale=np.sqrt(s**2 + np.exp(lb) * d**2))),
                                        bounds=(-25, 5), method="bounded")
         distance_p.append(prob(np.sqrt(f_s[i] ** 2 + np.exp(fit.x) * f_d[i] ** 2), f_nu[i]))
         same = prior & (c_bin == f_bin[i])
-        z2 = (c_err / c_s) ** 2
-        a_bin, b_bin = 3 + same.sum() / 2, 10 + 0.5 * z2[same].sum()
-        a_all, b_all = 3 + prior.sum() / 2, 10 + 0.5 * z2[prior].sum()
+        a_bin, b_bin = 3 + same.sum() / 2, 10 + 0.5 * c_z2[same].sum()
+        a_all, b_all = 3 + prior.sum() / 2, 10 + 0.5 * c_z2[prior].sum()
         stratified_p.append(prob(f_s[i] * np.sqrt((b_bin / a_bin) / (b_all / a_all)), 2 * a_bin))
         excess = max(0.0, float(np.mean(c_err[same] ** 2 - c_s[same] ** 2))) if same.any() else 0.0
         floor_p.append(prob(np.sqrt(f_s[i] ** 2 + excess), f_nu[i]))
@@ -124,21 +127,14 @@ def analyse(name: str) -> dict:
     models.update(distance=np.array(distance_p), stratified=np.array(stratified_p), floor=np.array(floor_p),
                   gap_rms=np.array(gap_rms_p))
 
-    calls_table = by_gap(c_gap, c_err, c_s)
-    frames_table = by_gap(f_gap, f_err, f_s)
-    for row in frames_table:
-        lo, hi = row["gap_steps"]
-        row["above_eps"] = int(np.sum(above & (f_gap >= lo) & (f_gap < hi)))
-    for row in calls_table:
-        lo, hi = row["gap_steps"]
-        row["above_eps"] = int(np.sum((np.abs(c_err) > eps) & (c_gap >= lo) & (c_gap < hi)))
     return {
         "threshold_kcal": eps / KCAL_MOL,
         "calls": len(calls), "uncalled_random_frames": len(rows), "uncalled_above_eps": int(above.sum()),
         "above_eps_frames": [{"step": int(f_step[i]), "gap_steps": int(f_gap[i]), "distance_A": round(float(f_d[i]), 4),
                               "error_kcal": round(float(f_err[i] / KCAL_MOL), 3), "s_kcal": round(float(f_s[i] / KCAL_MOL), 3)}
                              for i in np.flatnonzero(above)],
-        "calls_by_gap": calls_table, "uncalled_frames_by_gap": frames_table,
+        "calls_by_gap": by_gap(c_gap, c_err, c_s, np.abs(c_err) > eps),
+        "uncalled_frames_by_gap": by_gap(f_gap, f_err, f_s, above),
         "median_distance_A": {"calls": float(np.median(c_d)), "uncalled_frames": float(np.median(f_d))},
         "sigma_models": {k: {"flagged": int(np.sum(p > LEVEL)), "above_eps_flagged": int(np.sum(p[above] > LEVEL))}
                          for k, p in models.items()},
