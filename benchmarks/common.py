@@ -45,33 +45,16 @@ def update_results(name: str, key: str, value) -> Path:
     return write_results(name, results)
 
 
-def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int,
-                        trajectory: Path | None = None, cache_path: Path | None = None,
-                        threshold_kcal: float | None = None) -> dict:
-    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (or of
-    ``trajectory``, one walker's): the fine-tuned ensemble (``model.pt``) vs. the
-    foundation ``backbone`` without fine-tuning, both with the energy offset set at the
-    run's first reference call. Reference energies are cached in ``random_frames.jsonl``
-    next to the run directory (or ``cache_path``), each with its structure: an entry counts
-    only while the trajectory still holds that structure at that frame (a restarted run
-    writes a different trajectory). With ``threshold_kcal`` ε, also the share of those
-    frames whose fine-tuned energy error exceeds ε (an exceedance that does not depend on
-    where the run chose to call).
-
-    ``rmse_random_in_run_kcal`` and ``random_in_run_exceed_fraction`` (share above the
-    run's ε) score, at the same frames, the energy the run's MD was given there
-    (``steps.csv``: the ensemble's mean, or the reference's at a call), not the final
-    model; ``random_uncalled_exceed_fraction`` is that share among the
-    ``random_uncalled_frames`` where no call was made, the steps the rule vouched for with
-    P(|e| > ε) ≤ 5 % (run directories of one walker, the trajectory written every
-    ``trajectory_every`` steps from step 0)."""
+def random_frames(run_dir: Path, reference_spec: dict, n_frames: int, trajectory: Path | None = None,
+                  cache_path: Path | None = None) -> tuple[list[int], list, np.ndarray]:
+    """``n_frames`` frames drawn at random (seed 0) from an on-the-fly run's trajectory (or
+    ``trajectory``): their indices, structures and raw reference energies (eV, no offset),
+    computed where ``random_frames.jsonl`` next to the run directory (or ``cache_path``) does
+    not hold them yet, and added to it. An entry counts only while the trajectory still
+    holds that structure at that frame (a restarted run writes a different trajectory)."""
     from ase.io import read
 
-    from flytune.bayes.ensemble import Ensemble
     from flytune.otf.reference import make_reference
-    from flytune.otf.rundir import RunDirectory
-    from flytune.config import RunConfig
-    from flytune.units import KCAL_MOL
 
     frames = read(trajectory or run_dir / "trajectory.traj", ":")
     picks = sorted(np.random.default_rng(0).choice(len(frames), size=min(n_frames, len(frames)), replace=False))
@@ -94,6 +77,32 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
                 f.write(json.dumps(row) + "\n")
     chosen = [frames[i] for i in picks]
     raw = np.array([cache[int(i)] for i in picks])
+    return [int(i) for i in picks], chosen, raw
+
+
+def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int,
+                        trajectory: Path | None = None, cache_path: Path | None = None,
+                        threshold_kcal: float | None = None) -> dict:
+    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (or of
+    ``trajectory``, one walker's): the fine-tuned ensemble (``model.pt``) vs. the
+    foundation ``backbone`` without fine-tuning, both with the energy offset set at the
+    run's first reference call, at the frames of :func:`random_frames`. With ``threshold_kcal`` ε, also the share of those
+    frames whose fine-tuned energy error exceeds ε (an exceedance that does not depend on
+    where the run chose to call).
+
+    ``rmse_random_in_run_kcal`` and ``random_in_run_exceed_fraction`` (share above the
+    run's ε) score, at the same frames, the energy the run's MD was given there
+    (``steps.csv``: the ensemble's mean, or the reference's at a call), not the final
+    model; ``random_uncalled_exceed_fraction`` is that share among the
+    ``random_uncalled_frames`` where no call was made, the steps the rule vouched for with
+    P(|e| > ε) ≤ 5 % (run directories of one walker, the trajectory written every
+    ``trajectory_every`` steps from step 0)."""
+    from flytune.bayes.ensemble import Ensemble
+    from flytune.otf.rundir import RunDirectory
+    from flytune.config import RunConfig
+    from flytune.units import KCAL_MOL
+
+    picks, chosen, raw = random_frames(run_dir, reference_spec, n_frames, trajectory, cache_path)
     with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
         offset = ensemble.data.energy_offset  # set at the first reference call from the foundation
         finetuned = ensemble.predict(chosen).energy

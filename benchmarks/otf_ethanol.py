@@ -194,17 +194,18 @@ def curvature_ratio(run_dir: Path) -> dict:
                                 "calls": len(ratios)}}
 
 
-def ethanol_config(backbone: str, folder: Path, ps: float, updates: dict, uncertainty: dict | None = None) -> RunConfig:
+def ethanol_config(backbone: str, folder: Path, ps: float, updates: dict, uncertainty: dict | None = None,
+                   model: dict | None = None) -> RunConfig:
     """The on-the-fly ethanol run of this benchmark (run directory ``folder/run``): seed 1,
-    the fast posterior, ε = 0.5 kcal/mol, Langevin 300 K at 0.5 fs for ``ps`` picoseconds,
-    ``[updates]`` as given, ``uncertainty`` settings added to ε."""
+    the fast posterior (``model`` settings over it), ε = 0.5 kcal/mol, Langevin 300 K at
+    0.5 fs for ``ps`` picoseconds, ``[updates]`` as given, ``uncertainty`` settings added to ε."""
     folder.mkdir(parents=True, exist_ok=True)
     structure = folder / "ethanol.xyz"
     if not structure.exists():
         write(structure, molecule("CH3CH2OH"))
     return RunConfig.model_validate({
         "structure": str(structure), "run_dir": str(folder / "run"), "seed": 1,
-        "model": {"backbone": backbone, **FAST}, "reference": REFERENCE,
+        "model": {"backbone": backbone, **FAST, **(model or {})}, "reference": REFERENCE,
         "uncertainty": {"threshold": 0.5, "threshold_unit": "kcal/mol", **(uncertainty or {})},
         "md": {"driver": "langevin", "timestep_fs": TIMESTEP_FS, "temperature_K": 300,
                "steps": round(ps * 1000 / TIMESTEP_FS), "trajectory_every": 2},
@@ -234,6 +235,8 @@ def main() -> None:
                         help="[updates] final_cycles (cycles over all labels after the last MD step; default 1); "
                              "they come after the MD, so a complete run in the same directory is continued with "
                              "the extra cycles, and the entry is named <name>_final<N>")
+    parser.add_argument("--chains", type=int,
+                        help="[model] chains (M; the fast settings' 4 otherwise); the entry's name gets _chains<M>")
     parser.add_argument("--discount", type=float,
                         help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "
                              "_discount<γ>")
@@ -263,11 +266,15 @@ def main() -> None:
     if args.discount is not None:
         uncertainty["calibration_discount"] = args.discount
         name += f"_discount{args.discount:g}"
+    model = {}
+    if args.chains is not None:
+        model["chains"] = args.chains
+        name += f"_chains{args.chains}"
     folder = ROOT / "benchmarks" / "runs" / f"otf_ethanol_{name}"
     if args.final_cycles is not None:
         updates["final_cycles"] = args.final_cycles
         name += f"_final{args.final_cycles}"
-    config = ethanol_config(backbone, folder, args.ps, updates, uncertainty)
+    config = ethanol_config(backbone, folder, args.ps, updates, uncertainty, model)
     run_dir = Path(config.run_dir)
     summary = run_for(config, args.hours, args.state)
     if args.state:
@@ -277,7 +284,7 @@ def main() -> None:
     result.update(
         foundation=backbone if args.foundation == "sevennet0" else "SevenNet-0 fine-tuned on ethanol PBE (transfer_ethanol.py)",
         labels="the reference's own forces (before 2026-12-03: the MD's FixCom projection of them)",
-        posterior="fast settings: " + json.dumps(FAST), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates_settings=updates,
+        posterior="fast settings: " + json.dumps({**FAST, **model}), force_call_after=FORCE_CALL_AFTER, updates_policy=args.updates, updates_settings=updates,
         uncertainty_settings=uncertainty,
         **curvature_ratio(run_dir),
         **random_frame_errors(run_dir, backbone, REFERENCE, args.frames),
