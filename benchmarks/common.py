@@ -86,9 +86,9 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (or of
     ``trajectory``, one walker's): the fine-tuned ensemble (``model.pt``) vs. the
     foundation ``backbone`` without fine-tuning, both with the energy offset set at the
-    run's first reference call, at the frames of :func:`random_frames`. With ``threshold_kcal`` ε, also the share of those
-    frames whose fine-tuned energy error exceeds ε (an exceedance that does not depend on
-    where the run chose to call).
+    run's first reference call, at the frames of :func:`random_frames`. With
+    ``threshold_kcal`` ε, also the share of those frames whose fine-tuned energy error
+    exceeds ε (an exceedance that does not depend on where the run chose to call).
 
     ``rmse_random_in_run_kcal`` and ``random_in_run_exceed_fraction`` (share above the
     run's ε) score, at the same frames, the energy the run's MD was given there
