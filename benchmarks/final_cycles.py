@@ -7,8 +7,8 @@ each further cycle over all its labels (``[updates] final_cycles``) gains ~0.012
 This script takes the ensemble the run left (``model.pt``, all labels learned), runs more
 final cycles (all labels drawn uniformly, as ``final_cycles`` does) once per arm, each arm
 from that same start with one ``[model]`` setting changed, and scores the ensemble on the
-run's random frames after every cycle (reference energies from the run's cache,
-``random_frames.jsonl``; nothing recomputed): RMSE of the mean, mean error, each member's
+run's random frames after every cycle (reference energies from the cache that
+``otf_ethanol.py`` filled, ``random_frames.jsonl``, computed only where it lacks them): RMSE of the mean, mean error, each member's
 RMSE and the members' spread, with the wall time of each cycle. Arms: ``base`` (the run's
 settings), ``KEY=VALUE`` of ``[model]`` (``eta_max=0.001``, ``noise_off_fraction=1``: no
 noise, an optimiser; ``batch_size=10``), and ``chains=2``: the first two chains alone,

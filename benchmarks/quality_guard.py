@@ -9,7 +9,8 @@ K = 2000, 2 workers; on 2 CPU cores an update took 12 min with 1 label and 44 mi
 5, 2026-12-01: run it in parts with ``--hours``). Reported per setting: wall times,
 reference calls, fraction of interventions above ε, RMSE at interventions, and the
 energy RMSE of the final ensemble on ``--frames`` frames drawn at random from the
-trajectory and recomputed with the reference, and per call (``calls``) the step, error,
+trajectory and recomputed with the reference (cached beside the run directory,
+``common.random_frames``), and per call (``calls``) the step, error,
 calibrated σ, P(|e| > ε) and update time. Runs live in ``benchmarks/runs/`` and
 resume where they stopped (``--hours H`` stops one after H hours and reports the steps
 so far, marked ``"complete": false``; ``--state FILE`` packs the run into FILE instead of
@@ -27,13 +28,12 @@ import json
 
 import numpy as np
 from ase.build import molecule
-from ase.io import read, write
-from common import ROOT, add_part_arguments, run_for, update_results
+from ase.io import write
+from common import ROOT, add_part_arguments, random_frames, run_for, update_results
 from speed import FAST, PAPER
 
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import RunConfig
-from flytune.otf.reference import make_reference
 from flytune.otf.rundir import RunDirectory
 from flytune.units import KCAL_MOL
 
@@ -69,13 +69,10 @@ def main() -> None:
     if args.state:
         return
     # energy RMSE of the final ensemble on random trajectory frames, against the reference
-    frames = read(folder / "run" / "trajectory.traj", ":")
-    picks = np.random.default_rng(0).choice(len(frames), size=min(args.frames, len(frames)), replace=False)
-    pyscf = make_reference("pyscf", reference["options"])
+    _, chosen, raw = random_frames(folder / "run", reference, args.frames)
     with Ensemble.load(folder / "run" / "model.pt", workers=1) as ensemble:
-        chosen = [frames[i] for i in sorted(picks)]
         predicted = ensemble.predict(chosen).energy
-        truth = np.array([pyscf.compute(a).energy for a in chosen]) + ensemble.data.energy_offset
+        truth = raw + ensemble.data.energy_offset
     errors = (predicted - truth) / KCAL_MOL
     result = {"complete": summary["stopped"] is None, "md_steps_done": summary["steps"]}
     result.update({key: summary.get(key) for key in (
