@@ -81,10 +81,10 @@ def random_frames(run_dir: Path, reference_spec: dict, n_frames: int, trajectory
 
 
 def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_frames: int,
-                        trajectory: Path | None = None, cache_path: Path | None = None,
+                        walker: int = 0, cache_path: Path | None = None,
                         threshold_kcal: float | None = None) -> dict:
-    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (or of
-    ``trajectory``, one walker's): the fine-tuned ensemble (``model.pt``) vs. the
+    """Energy RMSE (kcal/mol) on random frames of an on-the-fly run's trajectory (walker
+    ``walker``'s in a run of several): the fine-tuned ensemble (``model.pt``) vs. the
     foundation ``backbone`` without fine-tuning, both with the energy offset set at the
     run's first reference call, at the frames of :func:`random_frames`. With
     ``threshold_kcal`` ε, also the share of those frames whose fine-tuned energy error
@@ -95,14 +95,15 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     (``steps.csv``: the ensemble's mean, or the reference's at a call), not the final
     model; ``random_uncalled_exceed_fraction`` is that share among the
     ``random_uncalled_frames`` where no call was made, the steps the rule vouched for with
-    P(|e| > ε) ≤ 5 % (run directories of one walker, the trajectory written every
-    ``trajectory_every`` steps from step 0)."""
+    P(|e| > ε) ≤ 5 % (the trajectory is written every ``trajectory_every`` steps from
+    step 0)."""
     from flytune.bayes.ensemble import Ensemble
     from flytune.otf.rundir import RunDirectory
     from flytune.config import RunConfig
     from flytune.units import KCAL_MOL
 
-    picks, chosen, raw = random_frames(run_dir, reference_spec, n_frames, trajectory, cache_path)
+    run = RunDirectory(run_dir)
+    picks, chosen, raw = random_frames(run_dir, reference_spec, n_frames, run.walker_trajectories[walker], cache_path)
     with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
         offset = ensemble.data.energy_offset  # set at the first reference call from the foundation
         finetuned = ensemble.predict(chosen).energy
@@ -113,17 +114,15 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
            "rmse_random_pretrained_kcal": rmse(foundation)}
     if threshold_kcal is not None:
         out["random_exceed_fraction"] = float(np.mean(np.abs(finetuned - (raw + offset)) / KCAL_MOL > threshold_kcal))
-    if trajectory is None:
-        run = RunDirectory(run_dir)
-        config = RunConfig.model_validate(json.loads(run.config.read_text())["config"])
-        every, eps_kcal = config.md.trajectory_every, config.uncertainty.threshold_eV / KCAL_MOL
-        steps, rows = run.read_steps(), np.asarray(picks) * every
-        in_run = np.abs(raw + offset - steps["energy_eV"][rows]) / KCAL_MOL
-        uncalled = ~steps["reference_called"][rows].astype(bool)
-        out.update(rmse_random_in_run_kcal=float(np.sqrt(np.mean(in_run**2))),
-                   random_in_run_exceed_fraction=float(np.mean(in_run > eps_kcal)),
-                   random_uncalled_frames=int(uncalled.sum()),
-                   random_uncalled_exceed_fraction=float(np.mean(in_run[uncalled] > eps_kcal)) if uncalled.any() else None)
+    config = RunConfig.model_validate(json.loads(run.config.read_text())["config"])
+    every, eps_kcal = config.md.trajectory_every, config.uncertainty.threshold_eV / KCAL_MOL
+    steps, rows = run.read_steps(walker), np.asarray(picks) * every
+    in_run = np.abs(raw + offset - steps["energy_eV"][rows]) / KCAL_MOL
+    uncalled = ~steps["reference_called"][rows].astype(bool)
+    out.update(rmse_random_in_run_kcal=float(np.sqrt(np.mean(in_run**2))),
+               random_in_run_exceed_fraction=float(np.mean(in_run > eps_kcal)),
+               random_uncalled_frames=int(uncalled.sum()),
+               random_uncalled_exceed_fraction=float(np.mean(in_run[uncalled] > eps_kcal)) if uncalled.any() else None)
     return out
 
 

@@ -1061,6 +1061,37 @@ def test_drivers_resume_exactly(workdir, driver):
         assert not np.allclose(frames[0].cell, frames[-1].cell)  # the barostat moved the cell
 
 
+def test_npt_turns_a_cell_that_is_not_triangular_into_one():
+    """ASE's NPT refuses a cell with any element off both triangles (a cell relaxed by a cell
+    filter has ~1e-7 Å there); the driver turns the structure in space instead: the cell
+    becomes triangular, energy, force magnitudes, kinetic energy and distances stay."""
+    from ase.md.melchionna import MelchionnaNPT
+
+    from flytune.config import MDConfig
+    from flytune.otf.run import make_dynamics, to_triangular_cell
+
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=1)
+    turn = np.array([[np.cos(0.3), -np.sin(0.3), 0.0], [np.sin(0.3), np.cos(0.3), 0.0], [0.0, 0.0, 1.0]])
+    atoms.set_cell(atoms.cell.array @ turn.T + 1e-7, scale_atoms=True)
+    atoms.set_momenta(np.random.default_rng(0).normal(size=(len(atoms), 3)))
+    atoms.calc = EMT()
+    before = (atoms.get_potential_energy(), np.linalg.norm(atoms.get_forces(), axis=1), atoms.get_kinetic_energy(),
+              atoms.get_all_distances(mic=True))
+    assert not MelchionnaNPT._istriangular(atoms.cell.array)
+    to_triangular_cell(atoms)
+    assert MelchionnaNPT._istriangular(atoms.cell.array)
+    after = (atoms.get_potential_energy(), np.linalg.norm(atoms.get_forces(), axis=1), atoms.get_kinetic_energy(),
+             atoms.get_all_distances(mic=True))
+    for x, y in zip(before, after):
+        assert np.allclose(x, y, atol=1e-10)
+    atoms.set_cell(atoms.cell.array @ turn.T, scale_atoms=True)  # the driver does it itself
+    dyn = make_dynamics(MDConfig(driver="npt", temperature_K=300, steps=2), atoms, seed=1)
+    assert MelchionnaNPT._istriangular(atoms.cell.array)
+    dyn.run(2)  # not refused
+    assert np.isfinite(atoms.get_potential_energy())
+
+
 def test_init_writes_a_valid_commented_config_and_status_prints(workdir, uninterrupted, monkeypatch, capsys):
     from flytune.cli import main
 

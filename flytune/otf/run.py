@@ -64,9 +64,25 @@ def make_dynamics(md: MDConfig, atoms: Atoms, seed: int) -> MolecularDynamics:
 
     if not atoms.pbc.all():
         raise FlytuneError("driver 'npt' needs a periodic structure; use langevin or nose-hoover for molecules")
+    to_triangular_cell(atoms)
     pfactor = md.pfactor or (75 * units.fs) ** 2 * 100 * units.GPa
     return NPT(atoms, dt, temperature_K=temperature, externalstress=md.pressure_bar * units.bar,
                ttime=md.tdamp_fs * units.fs, pfactor=pfactor)
+
+
+def to_triangular_cell(atoms: Atoms) -> None:
+    """Rotate a cell that is not triangular (ASE's NPT needs one; a cell relaxed by a cell
+    filter carries ~1e-7 Å off the diagonal) into its lower-triangular standard form, with
+    the positions and momenta: r' = r·Qᵀ, p' = p·Qᵀ, cell' = cell·Qᵀ (Q orthogonal, so
+    energies, forces' magnitudes and the dynamics are unchanged; the structure is only
+    turned in space)."""
+    cell = atoms.cell.array
+    if cell[1, 0] == cell[2, 0] == cell[2, 1] == 0.0 or cell[0, 1] == cell[0, 2] == cell[1, 2] == 0.0:
+        return
+    rcell, q = atoms.cell.standard_form()
+    momenta = atoms.get_momenta()
+    atoms.set_cell(rcell, scale_atoms=True)
+    atoms.set_momenta(momenta @ q.T)
 
 
 def set_temperature(dyn: MolecularDynamics, temperature_K: float) -> None:
