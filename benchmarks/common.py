@@ -102,7 +102,7 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     from flytune.config import RunConfig
     from flytune.units import KCAL_MOL
 
-    run = RunDirectory(run_dir)
+    run = RunDirectory(run_dir, walkers=None)
     picks, chosen, raw = random_frames(run_dir, reference_spec, n_frames, run.walker_trajectories[walker], cache_path)
     with Ensemble.load(run_dir / "model.pt", workers=1) as ensemble:
         offset = ensemble.data.energy_offset  # set at the first reference call from the foundation
