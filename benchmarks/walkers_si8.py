@@ -1,13 +1,14 @@
 """Issue 26: four walkers sharing one posterior against four runs one after another.
 
-Si8 (the cubic diamond cell of ``otf_silicon.py`` at a = 5.43 Å, or with ``--relaxed`` at the
-reference's own lattice constant, relaxed with it; rattled 0.05 Å) under NPT at 1 bar,
-1 fs, at 300, 600, 900 and 1200 K; reference GFN1-xTB (tblite, with stress, electrons at 1000 K); SevenNet-0
-with 2 chains × 50 SGHMC steps per update (η_max 3e-4, 2 worker processes: 25 s per
-update here); ε = ``--threshold`` kcal/mol (default 4, 0.5 kcal/mol per atom: at
-``otf_silicon.py``'s 1.2 these chains miss their newest label by 1.5–3 kcal/mol after each
-update, so the rule calls at every step of every walker, and 150 steps cost over an hour
-per arm); ``force_call_after`` 100.
+Si8 (the cubic diamond cell of ``otf_silicon.py`` at a = 5.43 Å, or with ``--relaxed`` at
+the reference's own lattice constant, relaxed with it; rattled 0.05 Å) under NPT at 1 bar,
+1 fs, at 300, 600, 900 and 1200 K; reference GFN1-xTB (tblite, with stress, electrons at
+1000 K); SevenNet-0 with 2 chains × 50 SGHMC steps per update (η_max 3e-4, 2 worker
+processes: 25 s per update on 2026-12-04, 49–56 s on 2026-12-07); ε = ``--threshold``
+kcal/mol (default 4, 0.5 kcal/mol per atom: at ``otf_silicon.py``'s 1.2, with updates after
+every label and the misfit as spread, these chains missed their newest label by 1.5–3
+kcal/mol after each update, so the rule called at every step of every walker);
+``force_call_after`` 100.
 
 - ``walkers``: one run with four ``[[walkers]]`` (seeds 1–4), its reference calls
   through a local Parsl HighThroughputExecutor with 2 workers;
