@@ -126,6 +126,50 @@ def random_frame_errors(run_dir: Path, backbone: str, reference_spec: dict, n_fr
     return out
 
 
+def add_decision_arguments(parser) -> None:
+    """The on-the-fly options the benchmarks vary: update scheduling (``[updates]``) and the
+    label misfit and forgetting (``[uncertainty]``); each set one names the entry
+    (:func:`decision_settings`)."""
+    parser.add_argument("--updates", choices=("every", "deferred"), default="every",
+                        help="[updates] policy; deferred names the entry _deferred")
+    parser.add_argument("--critical-factor", type=float,
+                        help="[updates] critical_factor (deferred: update at once when |error| > this × ε); "
+                             "the entry's name gets _critical<X>")
+    parser.add_argument("--max-cycles", type=int,
+                        help="[updates] max_cycles (more cycles while the newest label is not learned); "
+                             "the entry's name gets _cycles<N>")
+    parser.add_argument("--misfit-as", choices=("spread", "bias", "correction"),
+                        help="[uncertainty] label_misfit_as; the entry's name gets _misfit_<as>")
+    parser.add_argument("--correction-order", type=int, choices=(1, 2),
+                        help="[uncertainty] correction_order (with --misfit-as correction); 2 names the entry "
+                             "_misfit_correction2")
+    parser.add_argument("--discount", type=float,
+                        help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "
+                             "_discount<γ>")
+
+
+def decision_settings(args) -> tuple[str, dict, dict]:
+    """(the entry name's suffix, ``[updates]``, ``[uncertainty]`` settings) from the options of
+    :func:`add_decision_arguments`."""
+    suffix, updates, uncertainty = "_deferred" if args.updates == "deferred" else "", {"policy": args.updates}, {}
+    if args.critical_factor is not None:
+        updates["critical_factor"] = args.critical_factor
+        suffix += f"_critical{args.critical_factor:g}"
+    if args.max_cycles is not None:
+        updates["max_cycles"] = args.max_cycles
+        suffix += f"_cycles{args.max_cycles}"
+    if args.misfit_as is not None:
+        uncertainty["label_misfit_as"] = args.misfit_as
+        suffix += f"_misfit_{args.misfit_as}"
+    if args.correction_order is not None:
+        uncertainty["correction_order"] = args.correction_order
+        suffix += "2" if args.correction_order == 2 else ""
+    if args.discount is not None:
+        uncertainty["calibration_discount"] = args.discount
+        suffix += f"_discount{args.discount:g}"
+    return suffix, updates, uncertainty
+
+
 def add_part_arguments(parser) -> None:
     """``--hours`` and ``--state``: the command-line side of :func:`run_for`."""
     parser.add_argument("--hours", type=float, help="wall-time budget: stop then and report the run so far")

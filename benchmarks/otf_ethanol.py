@@ -49,7 +49,9 @@ from ase.io import read, write
 from common import (
     RESULTS,
     ROOT,
+    add_decision_arguments,
     add_part_arguments,
+    decision_settings,
     otf_result,
     random_frame_errors,
     run_for,
@@ -219,27 +221,13 @@ def main() -> None:
                         help="restamp: run nothing, only mark the stale entries and pick the top-level figures again")
     parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
-    parser.add_argument("--updates", choices=("every", "deferred"), default="every", help="[updates] policy")
-    parser.add_argument("--critical-factor", type=float,
-                        help="[updates] critical_factor (deferred: update at once when |error| > this × ε); "
-                             "the entry is named <foundation>_deferred_critical<X>")
-    parser.add_argument("--max-cycles", type=int,
-                        help="[updates] max_cycles (more cycles while the newest label is not learned); "
-                             "the entry's name gets _cycles<N>")
-    parser.add_argument("--misfit-as", choices=("spread", "bias", "correction"),
-                        help="[uncertainty] label_misfit_as; the entry's name gets _misfit_<as>")
-    parser.add_argument("--correction-order", type=int, choices=(1, 2),
-                        help="[uncertainty] correction_order (with --misfit-as correction); 2 names the entry "
-                             "_misfit_correction2")
+    add_decision_arguments(parser)
     parser.add_argument("--final-cycles", type=int,
                         help="[updates] final_cycles (cycles over all labels after the last MD step; default 1); "
                              "they come after the MD, so a complete run in the same directory is continued with "
                              "the extra cycles, and the entry is named <name>_final<N>")
     parser.add_argument("--chains", type=int,
                         help="[model] chains (M; the fast settings' 4 otherwise); the entry's name gets _chains<M>")
-    parser.add_argument("--discount", type=float,
-                        help="[uncertainty] calibration_discount γ (forgetting; 1: none); the entry's name gets "
-                             "_discount<γ>")
     add_part_arguments(parser)
     args = parser.parse_args()
     if args.foundation == "restamp":
@@ -248,24 +236,8 @@ def main() -> None:
     if args.foundation == "pbe" and not PBE_CHECKPOINT.exists():
         print(f"{PBE_CHECKPOINT} is missing: building it (transfer_ethanol.pretrain_on_pbe, ~11 min)", flush=True)
         print("PBE foundation:", json.dumps(pretrain_on_pbe()), flush=True)
-    name = args.foundation + ("_deferred" if args.updates == "deferred" else "")
-    updates = {"policy": args.updates}
-    if args.critical_factor is not None:
-        updates["critical_factor"] = args.critical_factor
-        name += f"_critical{args.critical_factor:g}"
-    if args.max_cycles is not None:
-        updates["max_cycles"] = args.max_cycles
-        name += f"_cycles{args.max_cycles}"
-    uncertainty = {}
-    if args.misfit_as is not None:
-        uncertainty["label_misfit_as"] = args.misfit_as
-        name += f"_misfit_{args.misfit_as}"
-    if args.correction_order is not None:
-        uncertainty["correction_order"] = args.correction_order
-        name += "2" if args.correction_order == 2 else ""
-    if args.discount is not None:
-        uncertainty["calibration_discount"] = args.discount
-        name += f"_discount{args.discount:g}"
+    suffix, updates, uncertainty = decision_settings(args)
+    name = args.foundation + suffix
     model = {}
     if args.chains is not None:
         model["chains"] = args.chains

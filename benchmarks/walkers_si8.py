@@ -37,7 +37,7 @@ from pathlib import Path
 
 from ase.build import bulk
 from ase.io import write
-from common import RESULTS, ROOT, random_frame_errors, run_for, update_results
+from common import RESULTS, ROOT, add_decision_arguments, decision_settings, random_frame_errors, run_for, update_results
 
 from flytune.config import RunConfig
 
@@ -112,23 +112,9 @@ def so_far(args) -> None:
 
 
 def setting(args) -> tuple[str, dict, dict]:
-    """(the arms' name, ``[updates]``, ``[uncertainty]`` additions) from the options."""
-    tag, updates, uncertainty = f"{args.steps}_eps{args.threshold:g}", {}, {}
-    if args.updates == "deferred":
-        updates["policy"] = "deferred"
-        tag += "_deferred"
-    if args.critical_factor is not None:
-        updates["critical_factor"] = args.critical_factor
-        tag += f"_critical{args.critical_factor:g}"
-    if args.misfit_as is not None:
-        uncertainty["label_misfit_as"] = args.misfit_as
-        tag += f"_misfit_{args.misfit_as}"
-    if args.correction_order is not None:
-        uncertainty["correction_order"] = args.correction_order
-        tag += "2" if args.correction_order == 2 else ""
-    if args.relaxed:
-        tag += "_relaxed"
-    return tag, updates, uncertainty
+    """(the arms' name, ``[updates]``, ``[uncertainty]`` settings) from the options."""
+    suffix, updates, uncertainty = decision_settings(args)
+    return f"{args.steps}_eps{args.threshold:g}{suffix}" + ("_relaxed" if args.relaxed else ""), updates, uncertainty
 
 
 def main() -> None:
@@ -136,10 +122,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="MD steps per walker")
     parser.add_argument("--threshold", type=float, default=4.0, help="ε, kcal/mol")
     parser.add_argument("--frames", type=int, default=15, help="random frames per temperature")
-    parser.add_argument("--updates", choices=("every", "deferred"), default="every", help="[updates] policy")
-    parser.add_argument("--critical-factor", type=float, help="[updates] critical_factor")
-    parser.add_argument("--misfit-as", choices=("spread", "bias", "correction"), help="[uncertainty] label_misfit_as")
-    parser.add_argument("--correction-order", type=int, choices=(1, 2), help="[uncertainty] correction_order")
+    add_decision_arguments(parser)
     parser.add_argument("--relaxed", action="store_true",
                         help="start from the cell relaxed with the reference (its own lattice constant)")
     parser.add_argument("--arms", choices=("both", "walkers", "sequential"), default="both")
