@@ -26,7 +26,8 @@ rule (``[updates] policy = "deferred"``), as ``<foundation>_deferred`` in the re
 committed runs used ``every``.
 
 The run lives in ``benchmarks/runs/otf_ethanol_<foundation>[_deferred]/`` and resumes where it
-stopped (``--ps`` may be raised to extend it); recomputed reference energies are cached.
+stopped; a length other than the 2 ps run so far (``--ps 10``: the paper's full length) is a
+run and entry of its own, named ``..._10ps``; recomputed reference energies are cached.
 A run longer than one sitting goes in parts: ``--hours H --state FILE`` advances it for H
 hours and packs it into FILE (``flytune pack``, ~16 MB: keep it on storage that persists,
 not in the repository) instead of reporting; on a machine without the run directory, the
@@ -237,7 +238,7 @@ def main() -> None:
         print(f"{PBE_CHECKPOINT} is missing: building it (transfer_ethanol.pretrain_on_pbe, ~11 min)", flush=True)
         print("PBE foundation:", json.dumps(pretrain_on_pbe()), flush=True)
     suffix, updates, uncertainty = decision_settings(args)
-    name = args.foundation + suffix
+    name = args.foundation + suffix + ("" if args.ps == 2.0 else f"_{args.ps:g}ps")
     model = {}
     if args.chains is not None:
         model["chains"] = args.chains
