@@ -69,6 +69,7 @@ TIMESTEP_FS = 0.5
 STALE = ("labels carried the MD's FixCom projection of the reference's forces (a net force no potential "
          "can fit; fixed 2026-12-03), so the updates could not learn them")
 FORCE_CALL_AFTER = 200
+PS = 2.0  # the runs' length; another length names its own run and entry (_<ps>ps)
 #: |H–O–C–C torsion| windows counted as transitions: the barriers at 0° (gauche ↔ gauche')
 #: and at ±120° (trans ↔ gauche), ±20° around each
 TRANSITION_WINDOWS_DEG = ((0.0, 20.0), (100.0, 140.0))
@@ -220,7 +221,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("foundation", choices=sorted(FOUNDATIONS) + ["restamp"],
                         help="restamp: run nothing, only mark the stale entries and pick the top-level figures again")
-    parser.add_argument("--ps", type=float, default=2.0, help="simulated time to reach (ps)")
+    parser.add_argument("--ps", type=float, default=PS, help="simulated time to reach (ps)")
     parser.add_argument("--frames", type=int, default=150)
     add_decision_arguments(parser)
     parser.add_argument("--final-cycles", type=int,
@@ -238,7 +239,7 @@ def main() -> None:
         print(f"{PBE_CHECKPOINT} is missing: building it (transfer_ethanol.pretrain_on_pbe, ~11 min)", flush=True)
         print("PBE foundation:", json.dumps(pretrain_on_pbe()), flush=True)
     suffix, updates, uncertainty = decision_settings(args)
-    name = args.foundation + suffix + ("" if args.ps == 2.0 else f"_{args.ps:g}ps")
+    name = args.foundation + suffix + ("" if args.ps == PS else f"_{args.ps:g}ps")
     model = {}
     if args.chains is not None:
         model["chains"] = args.chains
