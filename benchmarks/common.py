@@ -224,19 +224,15 @@ def otf_result(summary: dict, run_dir: Path, plots: Path, target_ps: float) -> d
     return result
 
 
-def fit_and_score(train, validation, test, config, offline, force_error_threshold: float) -> dict:
-    """Offline fine-tuning on ``train``, then test-set metrics in kcal/mol units: force RMSE,
-    force MLL after recalibration (variance factor fitted on ``validation``), AUC-ROC of σ
-    for |force error| > ``force_error_threshold`` (eV/Å), energy RMSE."""
+def score_ensemble(ensemble, validation, test, force_error_threshold: float) -> dict:
+    """Test-set metrics of ``ensemble`` in kcal/mol units: force RMSE, force MLL after
+    recalibration (variance factor fitted on ``validation``), AUC-ROC of σ (and of its two
+    parts) for |force error| > ``force_error_threshold`` (eV/Å), energy RMSE."""
     from flytune.evaluation import evaluate
-    from flytune.finetune import finetune
 
-    start = time.perf_counter()
-    with finetune(train, config, offline=offline) as ensemble:
-        wall = time.perf_counter() - start
-        val = evaluate(ensemble, validation, force_error_threshold=force_error_threshold)
-        metrics = evaluate(ensemble, test, force_error_threshold=force_error_threshold,
-                           calibration_factor=val["calibration_factor"])
+    val = evaluate(ensemble, validation, force_error_threshold=force_error_threshold)
+    metrics = evaluate(ensemble, test, force_error_threshold=force_error_threshold,
+                       calibration_factor=val["calibration_factor"])
     return {
         "force_rmse": metrics["force_rmse_kcal"],
         "force_mll": metrics["force_mll_recalibrated_kcal"],
@@ -246,8 +242,17 @@ def fit_and_score(train, validation, test, config, offline, force_error_threshol
         "energy_rmse": metrics["energy_rmse_kcal"],
         "force_mll_uncalibrated": metrics["force_mll_kcal"],
         "calibration_factor_validation": val["calibration_factor"],
-        "train_s": wall,
     }
+
+
+def fit_and_score(train, validation, test, config, offline, force_error_threshold: float) -> dict:
+    """Offline fine-tuning on ``train``, then :func:`score_ensemble` and the training wall time."""
+    from flytune.finetune import finetune
+
+    start = time.perf_counter()
+    with finetune(train, config, offline=offline) as ensemble:
+        wall = time.perf_counter() - start
+        return {**score_ensemble(ensemble, validation, test, force_error_threshold), "train_s": wall}
 
 
 def plot_scores_vs_n(runs: dict, ns, path: Path, title: str, rmse_line: float | None = None,
