@@ -20,7 +20,8 @@ before the end is above η_end: a shorter budget would have decayed further.
 After each checkpoint the ensemble and the curve are saved under
 ``benchmarks/runs/scratch_convergence/<arm>/``, so a stopped run resumes from its last
 checkpoint (same results: the chains' generators are saved with them). Results in
-``results/scratch_convergence.json`` under ``<method>_n<N>_steps<S>``.
+``results/scratch_convergence.json`` under ``<method>_n<N>_steps<S>`` (``_eta<start>-<end>``
+when the step sizes are not the table's), the curves in ``results/scratch_convergence.png``.
 
     .venv/bin/python benchmarks/scratch_convergence.py --method deep_ensemble --n 10 [--steps 6000] [--eta-start 1e-3 --eta-end 1e-4]
 """
@@ -32,7 +33,6 @@ import dataclasses
 import json
 import time
 
-import numpy as np
 from common import ETHANOL_CCSD_T, RESULTS, ROOT, score_ensemble, update_results
 from transfer_ethanol import SETTINGS, split
 
@@ -59,6 +59,46 @@ def piece(schedule, start: int, stop: int):
         sample_after=(stop - start - 1,),
         reset_before=tuple(k - start for k in schedule.reset_before if start <= k < stop),
     )
+
+
+def plot(arms: dict, path) -> None:
+    """Test (solid) and training-frame (dashed) force RMSE against the chains' compute, one
+    colour per arm with three checkpoints or more, and the table's points (300 steps per
+    chain) of transfer_pbe and of the two from-scratch methods at the same N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    table = json.loads((RESULTS / "transfer_ethanol.json").read_text())["runs"]
+    budget = SETTINGS["chains"] * SETTINGS["initial_steps"]
+    fig, ax = plt.subplots(figsize=(10, 4.6))
+    marked = set()
+    for arm, result in arms.items():
+        curve = result["curve"]
+        if len(curve) < 3:
+            continue
+        steps = [r["chain_steps"] for r in curve]
+        name = arm + (" (diverged next)" if "diverged" in result else "")
+        line, = ax.plot(steps, [r["force_rmse"] for r in curve], "o-", ms=3, label=f"{name}: test")
+        ax.plot(steps, [r["train_force_rmse"] for r in curve], "--", color=line.get_color(), label=f"{arm}: training frames")
+        n = str(result["settings"]["n_train"])
+        for method, marker in (("transfer_pbe", "k*"), ("deep_ensemble", "kx"), ("uninformative", "k+")):
+            if n in table.get(method, {}) and (method, n) not in marked:
+                marked.add((method, n))
+                ax.plot([budget], [table[method][n]["force_rmse"]], marker, ms=9, label=f"the table, {method}, N = {n}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("chain-steps (4 chains, batch of 5)")
+    ax.set_ylabel("force RMSE (kcal/mol/Å)")
+    ax.set_title("Ethanol CCSD(T): SevenNet from random weights, trained longer")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -102,6 +142,15 @@ def main() -> None:
             jobs = [ChainJob(c, piece(schedule, done, stop), new_labels=0) for c in ensemble.chains]
             ensemble.run(jobs)
             wall = time.perf_counter() - start
+            stored = json.loads((RESULTS / "scratch_convergence.json").read_text()).get("arms", {}) \
+                if (RESULTS / "scratch_convergence.json").exists() else {}
+            diverged = ensemble.diverged()
+            if diverged:  # the last checkpoint stays on disk; nothing after it is kept
+                stored[arm] = {"settings": settings, "complete": False, "curve": curve,
+                               "diverged": {"after_step": stop, "chains": diverged}}
+                update_results("scratch_convergence", "arms", stored)
+                print(f"{arm}: chains {diverged} diverged (non-finite weights) between steps {done} and {stop}")
+                return
             fit = evaluate(ensemble, train, force_error_threshold=threshold)
             previous = curve[-1] if curve else {"chain_steps": 0, "chain_s": 0.0, "wall_s": 0.0}
             row = {
@@ -121,10 +170,9 @@ def main() -> None:
             print(f"{arm} step {stop}: train {row['train_force_rmse']:.2f}, test {row['force_rmse']:.2f} kcal/mol/Å, "
                   f"AUC {row['force_auc_roc']:.2f}, energy {row['energy_rmse']:.2f} kcal/mol, "
                   f"wall {row['wall_s']:.0f} s", flush=True)
-            stored = json.loads((RESULTS / "scratch_convergence.json").read_text()).get("arms", {}) \
-                if (RESULTS / "scratch_convergence.json").exists() else {}
             stored[arm] = {"settings": settings, "complete": stop == args.steps, "curve": curve}
             update_results("scratch_convergence", "arms", stored)
+            plot(stored, RESULTS / "scratch_convergence.png")
 
 
 if __name__ == "__main__":

@@ -57,7 +57,8 @@ def finetune(
     equal to the pretrained prediction) and stored with the ensemble. Minibatches are
     drawn uniformly. If ``stop`` is set, every chain stops at its next step and keeps
     the samples taken so far (its current state if it has none). The caller closes the
-    returned ensemble (worker processes).
+    returned ensemble (worker processes). A chain that ends with a non-finite weight
+    (the step size too large for it) is a :class:`~flytune.errors.FlytuneError`.
     """
     offline = offline or OfflineConfig()
     ensemble = Ensemble.from_config(config, uncertainty, seed=offline.seed)
@@ -66,6 +67,13 @@ def finetune(
         schedule = finetune_schedule(ensemble.config, offline)
         jobs = [ChainJob(c, schedule, new_labels=0, replace_samples=False) for c in ensemble.chains]
         ensemble.run(jobs, progress, stop)
+        diverged = ensemble.diverged()
+        if diverged:
+            raise FlytuneError(
+                f"chain(s) {diverged} of {len(ensemble.chains)} diverged (non-finite weights); lower the step size "
+                f"(eta_start, now {schedule.step_size[0]:g}; from random weights, with the uninformative prior, the "
+                "SGHMC noise needs a smaller one than a noise-free fit)"
+            )
     except BaseException:
         ensemble.close()
         raise

@@ -91,6 +91,7 @@ def write_bad(tmp_path, kind):
         ("ok", ["--threshold", "0"], "threshold"),
         ("ok", ["--threshold", "-1"], "threshold"),
         ("ok", ["--chains", "1"], "chains"),
+        ("ok", ["--eta-start", "1e6"], "diverged"),  # a step size that blows the weights up
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(monkeypatch, capsys, tmp_path, train_file, case, extra, message):

@@ -160,6 +160,12 @@ class Ensemble:
         """Parameter sets that predict: every chain's samples (its current state if none)."""
         return [s for c in self.chains for s in (c.samples or [c.state.params])]
 
+    def diverged(self) -> list[int]:
+        """Indices of the chains with a non-finite weight in a member (their samples, or
+        their current state where they have none): a sampler that diverged."""
+        return [c.index for c in self.chains
+                if not all(bool(torch.isfinite(v).all()) for p in (c.samples or [c.state.params]) for v in p.values())]
+
     def predict(self, structures: Atoms | Sequence[Atoms], batch_size: int = 16) -> EnsemblePrediction:
         """Ensemble mean and total variance of energy, forces and stress (periodic only)."""
         structures = [structures] if isinstance(structures, Atoms) else list(structures)

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
-import torch
 from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
@@ -644,7 +643,7 @@ class OnTheFlyCalculator(Calculator):
         "forces"`` or ``"both"``) also no atom's force off by more than ε_F there and
         P(max_a |ΔF_a| > ε_F) from the per-atom force stds there within the level: an update
         after which the rule would call at its own label has not learned it."""
-        if not all(bool(torch.isfinite(v).all()) for m in self.ensemble.members for v in m.values()):
+        if self.ensemble.diverged():
             raise ModelFailure(
                 "the posterior update diverged (non-finite weights); lower model.eta_max or use longer "
                 "model.cycle_steps, then resume: the last checkpoint is from before this update"
