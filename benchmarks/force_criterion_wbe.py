@@ -19,7 +19,9 @@ fires, so updates come after critical errors or 16 waiting labels):
 - ``energy``: ``criterion = "energy"``, ε = ``--energy-threshold`` kcal/mol per cell;
 - ``forces``: ``criterion = "forces"``, ε_F = ``--force-threshold`` eV/Å on the largest
   error of one atom's force vector (ε still set, for the critical-update rule).
-- ``both`` (``--arms both``, not yet run): either rule calls.
+- ``both`` (``--arms both``): either rule calls.
+
+``--chains`` sets the number of chains (default 2).
 
 Both arms score the force errors at their calls (``force_exceed_fraction``) beside the
 energy errors (``exceed_fraction``), and every frame without a call against the DFT label:
@@ -71,16 +73,16 @@ class StoredFrames(Calculator):
         self.results = {"energy": energy, "forces": forces.copy()}
 
 
-def arm_settings(arm: str, force_eV_A: float, eta_max: float | None) -> dict:
+def arm_settings(arm: str, force_eV_A: float, eta_max: float | None, chains: int) -> dict:
     """``[uncertainty]``, ``[model]`` and ``[updates]`` keywords of ``arm`` (one of
     ``ARMS``, the criterion); ``eta_max`` None: the foundation's family default."""
     eta = {} if eta_max is None else {"eta_max": eta_max}
-    return {"criterion": arm, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A", **POSTERIOR,
-            **eta, **UPDATES}
+    return {"criterion": arm, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A",
+            **POSTERIOR, "chains": chains, **eta, **UPDATES}
 
 
 def replay(name: str, foundation: str, arm: str, frames, energy_kcal: float, force_eV_A: float,
-           eta_max: float | None, deadline: float) -> dict:
+           eta_max: float | None, chains: int, deadline: float) -> dict:
     """Replay ``frames`` through the calculator of ``arm``; its figures, ``complete: false``
     when the deadline stopped it first (the run directory and frame record resume it)."""
     folder = ROOT / "benchmarks" / "runs" / f"force_criterion_wbe_{name}"
@@ -88,7 +90,7 @@ def replay(name: str, foundation: str, arm: str, frames, energy_kcal: float, for
     record = folder / "frames.jsonl"
     with flytune.OnTheFlyCalculator.from_pretrained(
         foundation, reference=StoredFrames(frames), threshold=(energy_kcal, "kcal/mol"), seed=1,
-        run_dir=str(folder / "run"), checkpoint_every=10, **arm_settings(arm, force_eV_A, eta_max),
+        run_dir=str(folder / "run"), checkpoint_every=10, **arm_settings(arm, force_eV_A, eta_max, chains),
     ) as calc:
         done = calc.state.force_calls
         rows = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
@@ -175,6 +177,8 @@ def main() -> None:
     parser.add_argument("--force-threshold", type=float, default=0.3, help="ε_F, eV/Å")
     parser.add_argument("--eta-max", type=float, help="[model] eta_max (default: the foundation's); the "
                         "entry's name gets _eta<η>")
+    parser.add_argument("--chains", type=int, default=POSTERIOR["chains"],
+                        help="[model] chains (the entry's name gets _chains<n> when not the default)")
     parser.add_argument("--so-far", action="store_true",
                         help="store the figures of the arms' frames replayed so far, from their run directories, "
                              "without running")
@@ -186,15 +190,17 @@ def main() -> None:
         parser.error(f"--arms takes {', '.join(ARMS)} (got {args.arms!r})")
     frames = read_labelled(WBE)[args.start :: args.every]
     for arm in arms:
-        name = f"{args.foundation}_{arm}" + (f"_eta{args.eta_max:g}" if args.eta_max is not None else "")
+        name = (f"{args.foundation}_{arm}" + (f"_eta{args.eta_max:g}" if args.eta_max is not None else "")
+                + (f"_chains{args.chains}" if args.chains != POSTERIOR["chains"] else ""))
         if args.so_far:
             result = so_far(name, args.energy_threshold, args.force_threshold)
         else:
             result = replay(name, args.foundation, arm, frames, args.energy_threshold, args.force_threshold,
-                            args.eta_max, deadline)
+                            args.eta_max, args.chains, deadline)
         result.update(settings={
             "start": args.start, "every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
-            "force_threshold_eV_A": args.force_threshold, "posterior": POSTERIOR, "updates": UPDATES,
+            "force_threshold_eV_A": args.force_threshold, "posterior": {**POSTERIOR, "chains": args.chains},
+            "updates": UPDATES,
             "foundation": args.foundation, "eta_max": args.eta_max})
         print(arm, json.dumps(result, indent=2))
         update_results("force_criterion_wbe", name, result)
