@@ -77,6 +77,7 @@ def plot(arms: dict, path) -> None:
     budget = SETTINGS["chains"] * SETTINGS["initial_steps"]
     fig, ax = plt.subplots(figsize=(10, 4.6))
     marked = set()
+    shades = {}  # one grey per N for the table's points
     for arm, result in arms.items():
         curve = result["curve"]
         if len(curve) < 3:
@@ -86,10 +87,12 @@ def plot(arms: dict, path) -> None:
         line, = ax.plot(steps, [r["force_rmse"] for r in curve], "o-", ms=3, label=f"{name}: test")
         ax.plot(steps, [r["train_force_rmse"] for r in curve], "--", color=line.get_color(), label=f"{arm}: training frames")
         n = str(result["settings"]["n_train"])
-        for method, marker in (("transfer_pbe", "k*"), ("deep_ensemble", "kx"), ("uninformative", "k+")):
+        shade = shades.setdefault(n, ("k", "0.55", "0.3")[len(shades) % 3])
+        for method, marker in (("transfer_pbe", "*"), ("deep_ensemble", "x"), ("uninformative", "+")):
             if n in table.get(method, {}) and (method, n) not in marked:
                 marked.add((method, n))
-                ax.plot([budget], [table[method][n]["force_rmse"]], marker, ms=9, label=f"the table, {method}, N = {n}")
+                ax.plot([budget], [table[method][n]["force_rmse"]], marker, color=shade, ms=9,
+                        label=f"the table, {method}, N = {n}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
