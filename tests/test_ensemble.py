@@ -326,3 +326,18 @@ def test_building_a_model_makes_cuda_deterministic(monkeypatch):
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     Ensemble.from_config(ModelConfig(**SMALL), seed=0)
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+def test_diverged_names_the_chains_with_a_non_finite_member():
+    """What `finetune` and the on-the-fly calculator refuse: a chain whose member (its
+    current state before any sample, else one of its samples) holds a NaN or an inf."""
+    ens = Ensemble.from_config(ModelConfig(**SMALL), seed=0)
+    assert ens.diverged() == []
+    name = next(iter(ens.chains[1].state.params))
+    ens.chains[1].state.params[name].view(-1)[0] = float("nan")
+    assert ens.diverged() == [1]
+    # once a chain has samples, those are its members: a finite sample clears it, an inf one does not
+    ens.chains[1].samples = [{k: torch.zeros_like(v) for k, v in ens.chains[1].state.params.items()}]
+    assert ens.diverged() == []
+    ens.chains[0].samples = [{k: torch.full_like(v, float("inf")) for k, v in ens.chains[0].state.params.items()}]
+    assert ens.diverged() == [0]

@@ -158,13 +158,17 @@ class Ensemble:
     @property
     def members(self) -> list[Params]:
         """Parameter sets that predict: every chain's samples (its current state if none)."""
-        return [s for c in self.chains for s in (c.samples or [c.state.params])]
+        return [s for c in self.chains for s in self._chain_members(c)]
+
+    @staticmethod
+    def _chain_members(chain: Chain) -> list:
+        """One chain's parameter sets that predict: its samples, or its current state if none."""
+        return chain.samples or [chain.state.params]
 
     def diverged(self) -> list[int]:
-        """Indices of the chains with a non-finite weight in a member (their samples, or
-        their current state where they have none): a sampler that diverged."""
+        """Indices of the chains with a non-finite weight in a member: a sampler that diverged."""
         return [c.index for c in self.chains
-                if not all(bool(torch.isfinite(v).all()) for p in (c.samples or [c.state.params]) for v in p.values())]
+                if not all(bool(torch.isfinite(v).all()) for p in self._chain_members(c) for v in p.values())]
 
     def predict(self, structures: Atoms | Sequence[Atoms], batch_size: int = 16) -> EnsemblePrediction:
         """Ensemble mean and total variance of energy, forces and stress (periodic only)."""
