@@ -21,7 +21,8 @@ fires, so updates come after critical errors or 16 waiting labels):
   error of one atom's force vector (ε still set, for the critical-update rule).
 - ``both`` (``--arms both``): either rule calls.
 
-``--chains`` sets the number of chains (default 2).
+``--chains`` sets the number of chains (default 2), ``--force-calibration`` the force
+calibration (``components``, the default, or ``largest_atom``).
 
 Both arms score the force errors at their calls (``force_exceed_fraction``) beside the
 energy errors (``exceed_fraction``), and every frame without a call against the DFT label:
@@ -73,16 +74,17 @@ class StoredFrames(Calculator):
         self.results = {"energy": energy, "forces": forces.copy()}
 
 
-def arm_settings(arm: str, force_eV_A: float, eta_max: float | None, chains: int) -> dict:
+def arm_settings(arm: str, force_eV_A: float, eta_max: float | None, chains: int,
+                 force_calibration: str = "components") -> dict:
     """``[uncertainty]``, ``[model]`` and ``[updates]`` keywords of ``arm`` (one of
     ``ARMS``, the criterion); ``eta_max`` None: the foundation's family default."""
     eta = {} if eta_max is None else {"eta_max": eta_max}
     return {"criterion": arm, "force_threshold": force_eV_A, "force_threshold_unit": "eV/A",
-            **POSTERIOR, "chains": chains, **eta, **UPDATES}
+            "force_calibration": force_calibration, **POSTERIOR, "chains": chains, **eta, **UPDATES}
 
 
 def replay(name: str, foundation: str, arm: str, frames, energy_kcal: float, force_eV_A: float,
-           eta_max: float | None, chains: int, deadline: float) -> dict:
+           eta_max: float | None, chains: int, force_calibration: str, deadline: float) -> dict:
     """Replay ``frames`` through the calculator of ``arm``; its figures, ``complete: false``
     when the deadline stopped it first (the run directory and frame record resume it)."""
     folder = ROOT / "benchmarks" / "runs" / f"force_criterion_wbe_{name}"
@@ -90,7 +92,8 @@ def replay(name: str, foundation: str, arm: str, frames, energy_kcal: float, for
     record = folder / "frames.jsonl"
     with flytune.OnTheFlyCalculator.from_pretrained(
         foundation, reference=StoredFrames(frames), threshold=(energy_kcal, "kcal/mol"), seed=1,
-        run_dir=str(folder / "run"), checkpoint_every=10, **arm_settings(arm, force_eV_A, eta_max, chains),
+        run_dir=str(folder / "run"), checkpoint_every=10,
+        **arm_settings(arm, force_eV_A, eta_max, chains, force_calibration),
     ) as calc:
         done = calc.state.force_calls
         rows = [json.loads(line) for line in record.read_text().splitlines()] if record.exists() else []
@@ -179,6 +182,9 @@ def main() -> None:
                         "entry's name gets _eta<η>")
     parser.add_argument("--chains", type=int, default=POSTERIOR["chains"],
                         help="[model] chains (the entry's name gets _chains<n> when not the default)")
+    parser.add_argument("--force-calibration", default="components", choices=("components", "largest_atom"),
+                        help="[uncertainty] force_calibration (the entry's name gets _largest_atom when not the "
+                             "default)")
     parser.add_argument("--so-far", action="store_true",
                         help="store the figures of the arms' frames replayed so far, from their run directories, "
                              "without running")
@@ -191,16 +197,17 @@ def main() -> None:
     frames = read_labelled(WBE)[args.start :: args.every]
     for arm in arms:
         name = (f"{args.foundation}_{arm}" + (f"_eta{args.eta_max:g}" if args.eta_max is not None else "")
-                + (f"_chains{args.chains}" if args.chains != POSTERIOR["chains"] else ""))
+                + (f"_chains{args.chains}" if args.chains != POSTERIOR["chains"] else "")
+                + ("_largest_atom" if args.force_calibration == "largest_atom" else ""))
         if args.so_far:
             result = so_far(name, args.energy_threshold, args.force_threshold)
         else:
             result = replay(name, args.foundation, arm, frames, args.energy_threshold, args.force_threshold,
-                            args.eta_max, args.chains, deadline)
+                            args.eta_max, args.chains, args.force_calibration, deadline)
         result.update(settings={
             "start": args.start, "every": args.every, "energy_threshold_kcal_mol": args.energy_threshold,
             "force_threshold_eV_A": args.force_threshold, "posterior": {**POSTERIOR, "chains": args.chains},
-            "updates": UPDATES,
+            "updates": UPDATES, "force_calibration": args.force_calibration,
             "foundation": args.foundation, "eta_max": args.eta_max})
         print(arm, json.dumps(result, indent=2))
         update_results("force_criterion_wbe", name, result)

@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError,
                       field_validator, model_validator)
 
-from flytune.bayes.calibration import Calibrator
+from flytune.bayes.calibration import FORCE_CALIBRATIONS, Calibrator, LargestAtomCalibrator
 from flytune.errors import FlytuneError
 from flytune.units import KCAL_MOL, EnergyUnit, energy_to_eV
 
@@ -135,6 +135,12 @@ class UncertaintyConfig(_Strict):
         "'forces' or 'both', and scores the force errors at calls whatever the criterion",
     )
     force_threshold_unit: Literal["eV/A", "kcal/mol/A"] = "eV/A"
+    force_calibration: Literal["components", "largest_atom"] = Field(
+        "components", description="what the force calibration fits at each call: components, the mean "
+        "standardised squared error over the structure's force components; largest_atom, the largest atom "
+        "force error, the statistic the force criterion thresholds (errors concentrated on a few atoms; "
+        "docs/method.md §6)",
+    )
     trigger: Literal["probability", "spread", "force_deviation"] = Field(
         "probability", description="probability: the calibrated rule (the method); baselines for comparison, "
         "with no calibration, label misfit or checks: spread calls when the ensemble's energy σ > "
@@ -177,6 +183,14 @@ class UncertaintyConfig(_Strict):
     def calibrator(self) -> Calibrator:
         """A calibration with no error seen yet, with this prior and discount (resolved settings)."""
         return Calibrator(self.calibration_shape, self.calibration_rate, discount=self.calibration_discount)
+
+    def force_calibrator(self) -> Calibrator | LargestAtomCalibrator | None:
+        """The force calibration with no error seen yet (the energy calibration's prior and
+        discount), or None without ε_F (resolved settings)."""
+        if self.force_threshold is None:
+            return None
+        return FORCE_CALIBRATIONS[self.force_calibration](
+            self.calibration_shape, self.calibration_rate, discount=self.calibration_discount)
 
     def resolved(self, family: str) -> UncertaintyConfig:
         missing = [k for k in ("calibration_shape", "calibration_rate") if getattr(self, k) is None]

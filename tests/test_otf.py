@@ -16,6 +16,7 @@ from ase import units
 import torch
 
 from conftest import FailingCalculator, build_small_mace
+from flytune.bayes.calibration import FORCE_CALIBRATIONS
 from flytune.bayes.ensemble import Ensemble
 from flytune.config import ModelConfig, UncertaintyConfig
 from flytune.errors import FlytuneError
@@ -159,16 +160,19 @@ def test_student_t_rule_decides_without_safety_nets(workdir):
     assert calc.state.steps_uncontrolled == 0 and all(r["uncontrolled"] == "" for r in rows)
 
 
-@pytest.mark.parametrize("force_threshold", [2.5, 3.5])
-def test_force_criterion_decides_on_the_largest_atom_force_error(workdir, force_threshold):
+@pytest.mark.parametrize("force_threshold, force_calibration",
+                         [(2.5, "components"), (3.5, "components"), (2.5, "largest_atom")])
+def test_force_criterion_decides_on_the_largest_atom_force_error(workdir, force_threshold, force_calibration):
     """criterion = "forces": a step without a call has P(max_a |ΔF_a| > ε_F) ≤ 5 %, a call
     by the probability has it above 5 %. At ε_F = 2.5 eV/Å the force rule calls where the
     energy rule alone would not (P(|e| > ε) ≤ 5 %); at 3.5 eV/Å it is confident between
-    the calibration checks. Each call feeds the force calibration one z² and records
-    max_a |ΔF_a|; the force calibration survives a checkpoint."""
+    the calibration checks. Each call feeds the force calibration (one z², or its largest
+    atom error) and records max_a |ΔF_a|; the force calibration survives a checkpoint,
+    and a resume under the other force calibration is refused with the fix."""
     rows, ivs = [], []
     u = UncertaintyConfig(threshold=10.0, threshold_unit="eV", calibration_shape=1.5, calibration_rate=20.0,
-                          criterion="forces", force_threshold=force_threshold, force_threshold_unit="eV/A")
+                          criterion="forces", force_threshold=force_threshold, force_threshold_unit="eV/A",
+                          force_calibration=force_calibration)
     ensemble = Ensemble.from_config(
         ModelConfig(backbone=str(workdir / "cu.model"), chains=2, cycle_steps=12, batch_size=2, eta_max=1e-3), u, seed=0)
     calc = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"),
@@ -192,8 +196,13 @@ def test_force_criterion_decides_on_the_largest_atom_force_error(workdir, force_
     again = OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT"))
     again.load_state_dict(calc.state_dict())
     assert again.decision.force_calibrator == calc.decision.force_calibrator
+    assert type(again.decision.force_calibrator) is FORCE_CALIBRATIONS[force_calibration]
     assert again.decision.criterion == "forces" and again.decision.force_threshold_eV_A == force_threshold
     assert calc.schedule.force_threshold_eV_A == force_threshold  # its force misses are critical too
+    other = next(k for k in FORCE_CALIBRATIONS if k != force_calibration)
+    ensemble.uncertainty = u.model_copy(update={"force_calibration": other})
+    with pytest.raises(FlytuneError, match=f"force_calibration = '{force_calibration}' to resume"):
+        OnTheFlyCalculator(ensemble, make_reference("ase.calculators.emt:EMT")).load_state_dict(calc.state_dict())
 
 
 @pytest.mark.parametrize("deviation_threshold", [1e-9, 1.0])

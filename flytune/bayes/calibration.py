@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
-from scipy import special, stats
+from scipy import optimize, special, stats
 
 Form = Literal["t", "hyp2f1"]
 
@@ -112,6 +112,121 @@ def force_z2(errors, variances) -> float:
     return float(np.mean(errors**2 / variances))
 
 
+def _log_gammainc_15(x):
+    """ln P(3/2, x), accurate in both tails."""
+    x = np.asarray(x, dtype=float)
+    with np.errstate(divide="ignore"):
+        return np.where(x < 1.5, np.log(special.gammainc(1.5, x)), np.log1p(-special.gammaincc(1.5, x)))
+
+
+def typical_largest_error(sigma_atoms) -> float:
+    r"""m̂, the median of the largest atom force error M = max_a |ΔF_a| when each atom's
+    error is ΔF_a ~ N(0, s_a²·I₃), the atoms independent (one unit with ``sigma_atoms``
+    s_a): the root of Π_a P(3/2, m̂²/(2s_a²)) = 1/2."""
+    sigma = np.asarray(sigma_atoms, dtype=float).reshape(-1)
+    if not (sigma.size and np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
+        raise ValueError("every per-atom force std must be finite and > 0")
+    half = np.log(0.5)
+    return float(optimize.brentq(lambda m: _log_gammainc_15(0.5 * m * m / sigma**2).sum() - half,
+                                 1e-3 * sigma.min(), 100.0 * sigma.max(), xtol=1e-12 * sigma.max()))
+
+
+#: τ₀, the prior scale of r = ln(M/m̂) in :class:`LargestAtomCalibrator` (a largest error
+#: within a factor e^{±0.5} ≈ 1.6 of the predicted one)
+LARGEST_ATOM_PRIOR_SCALE = 0.5
+
+
+@dataclass
+class LargestAtomCalibrator:
+    r"""Force calibration of the statistic the force criterion thresholds: the largest
+    atom force error of a structure, M = max_a |ΔF_a|.
+
+    The component calibration (:class:`Calibrator` fed :func:`force_z2`) fits one factor
+    on all predicted variances, ΔF_a ~ N(0, s_a²/λ·I₃), to the mean z² of each call. The
+    largest of A such errors is then narrowly spread about its typical value. Where the
+    error sits on a few atoms (a defect, an interface, a minority species) while the
+    members agree everywhere, the mean z² stays ordinary and the predicted P(max_a
+    |ΔF_a| > ε_F) stays small while the largest error passes ε_F; no single factor on
+    the variances can give the largest error its real spread. Here the ratio of the
+    largest error to the one predicted, r = ln(M/m̂) with m̂ the median of M under the
+    per-atom model (:func:`typical_largest_error`), is calibrated directly: r ~ N(μ, τ²)
+    with a Normal–Gamma prior, μ | τ² ~ N(μ₀, τ²/κ₀), τ⁻² ~ Gamma(α₀, β₀), so the
+    calibration learns both how far the model's largest error is off (μ) and how widely
+    it varies between structures (τ). With the data weighted by the forgetting of
+    :class:`Calibrator` (discount γ; w = Σ_j γ^{n−j}, S₁ = Σ_j γ^{n−j} r_j,
+    S₂ = Σ_j γ^{n−j} r_j²),
+
+        κ' = κ₀ + w,   μ' = (κ₀μ₀ + S₁)/κ',   α' = α₀ + w/2,
+        β' = β₀ + ½(S₂ + κ₀μ₀² − κ'μ'²),
+
+    and the predictive of r is a Student-t with 2α' degrees of freedom, location μ' and
+    scale sqrt(β'(κ' + 1)/(α'κ')), so
+
+        P(max_a |ΔF_a| > ε_F) = 1 − T_{2α'}((ln(ε_F/m̂) − μ')/scale).
+
+    Prior: α₀ = ``shape`` a and μ₀ = ½·ln(b/a) from the energy calibration's prior
+    (``rate`` b: the same deliberate underconfidence, σ·sqrt(b/a)), κ₀ = 1, and
+    β₀ = α₀·τ₀² (:data:`LARGEST_ATOM_PRIOR_SCALE`). ``n`` counts the structures seen.
+    """
+
+    shape: float = 3.0
+    rate: float = 10.0
+    discount: float = 1.0
+    n: int = 0
+    weight: float = 0.0
+    sum_r: float = 0.0
+    sum_r2: float = 0.0
+
+    def __post_init__(self) -> None:
+        Calibrator(self.shape, self.rate, discount=self.discount)  # the same checks
+
+    def observe_forces(self, errors, variances) -> None:
+        """Record the force errors ΔF (A, 3) of a labelled structure and the force variances
+        (A, 3) predicted there before the update (s_a² the mean over an atom's components)."""
+        errors, variances = np.asarray(errors, dtype=float), np.asarray(variances, dtype=float)
+        if errors.shape != variances.shape or errors.ndim != 2 or not np.all(variances > 0):
+            raise ValueError("force errors and variances need one shape (atoms, 3) and variances > 0")
+        largest = max(float(np.linalg.norm(errors, axis=1).max()), 1e-12)
+        self.observe_ratio(np.log(largest / typical_largest_error(np.sqrt(variances.mean(axis=1)))))
+
+    def observe_ratio(self, r: float) -> None:
+        """Record one r = ln(M/m̂)."""
+        if not np.isfinite(r):
+            raise ValueError(f"need a finite ln(M/m̂), got {r}")
+        self.n += 1
+        self.weight = self.discount * self.weight + 1.0
+        self.sum_r = self.discount * self.sum_r + float(r)
+        self.sum_r2 = self.discount * self.sum_r2 + float(r) ** 2
+
+    def posterior(self) -> tuple[float, float, float, float]:
+        """(μ', κ', α', β') of the Normal–Gamma posterior of (μ, τ⁻²)."""
+        mu0, kappa0 = 0.5 * np.log(self.rate / self.shape), 1.0
+        alpha0, beta0 = self.shape, self.shape * LARGEST_ATOM_PRIOR_SCALE**2
+        kappa = kappa0 + self.weight
+        mu = (kappa0 * mu0 + self.sum_r) / kappa
+        beta = beta0 + 0.5 * (self.sum_r2 + kappa0 * mu0**2 - kappa * mu**2)
+        return float(mu), float(kappa), alpha0 + 0.5 * self.weight, float(beta)
+
+    def prob_force_exceed(self, threshold: float, sigma_atoms) -> float:
+        """P(max_a |ΔF_a| > ε_F) for per-atom force stds ``sigma_atoms`` (one unit with ε_F)."""
+        mu, kappa, alpha, beta = self.posterior()
+        scale = np.sqrt(beta * (kappa + 1.0) / (alpha * kappa))
+        r = np.log(float(threshold) / typical_largest_error(sigma_atoms))
+        return float(stats.t.sf((r - mu) / scale, df=2.0 * alpha))
+
+    def summary(self) -> dict:
+        mu, kappa, alpha, beta = self.posterior()
+        return {"kind": "largest_atom", "n": self.n, "log_ratio_mean": mu,
+                "log_ratio_scale": float(np.sqrt(beta / alpha))}
+
+    def state_dict(self) -> dict:
+        return {"kind": "largest_atom", **asdict(self)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> LargestAtomCalibrator:
+        return cls(**{k: v for k, v in state.items() if k != "kind"})
+
+
 def predictive_scale(sigma, shape, rate):
     """Scale s = σ·sqrt(b'/a') of the Student-t predictive error (the calibrated σ)."""
     return np.asarray(sigma, dtype=float) * np.sqrt(rate / shape)
@@ -177,6 +292,11 @@ class Calibrator:
             raise ValueError(f"need a finite error and mean and sigma > 0, got error={error}, sigma={sigma}, mean={mean}")
         self.observe_z2(float((error - mean) / sigma) ** 2)
 
+    def observe_forces(self, errors, variances) -> None:
+        """Record the force errors ΔF of a labelled structure and the force variances
+        predicted there before the update, as one z² (:func:`force_z2`)."""
+        self.observe_z2(force_z2(errors, variances))
+
     def observe_z2(self, z2: float) -> None:
         """Record one standardised squared error z² (e.g. :func:`force_z2` of a structure)."""
         if not (np.isfinite(z2) and z2 >= 0):
@@ -206,9 +326,21 @@ class Calibrator:
         t_quantile = stats.t.ppf(0.5 * (1.0 + confidence), df=2.0 * self.posterior_shape)
         return float(threshold / (t_quantile * np.sqrt(self.posterior_rate / self.posterior_shape)))
 
+    def summary(self) -> dict:
+        return {"shape": self.posterior_shape, "rate": self.posterior_rate, "n": self.n}
+
     def state_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_state_dict(cls, state: dict) -> Calibrator:
         return cls(**state)
+
+
+#: force calibrations by their ``[uncertainty] force_calibration`` name
+FORCE_CALIBRATIONS = {"components": Calibrator, "largest_atom": LargestAtomCalibrator}
+
+
+def force_calibration_kind(state: dict) -> str:
+    """The ``force_calibration`` name of a force calibration's state dict."""
+    return state.get("kind", "components")

@@ -35,7 +35,7 @@ from ase import Atoms
 from ase.calculators.calculator import Calculator, PropertyNotImplementedError, all_changes
 from ase.stress import full_3x3_to_voigt_6_stress
 
-from flytune.bayes.calibration import Calibrator
+from flytune.bayes.calibration import FORCE_CALIBRATIONS, Calibrator, force_calibration_kind
 from flytune.bayes.chain import Progress
 from flytune.bayes.ensemble import Ensemble
 from flytune.bayes.runners import worker_of
@@ -246,6 +246,7 @@ class OnTheFlyCalculator(Calculator):
             u.calibration_checks,
             criterion=u.criterion,
             force_threshold_eV_A=u.force_threshold_eV_A,
+            force_calibrator=u.force_calibrator(),
             trigger=u.trigger,
             spread_threshold_eV=u.spread_fraction * (u.threshold_eV if threshold is None else threshold),
             force_deviation_threshold_eV_A=u.force_deviation_threshold_eV_A,
@@ -826,8 +827,13 @@ class OnTheFlyCalculator(Calculator):
                                                                "discount": self.curvature_fit.discount})
         force_calibration = state.get("force_calibration")
         if force_calibration is not None and self.decision.force_calibrator is not None:
-            restored = Calibrator.from_state_dict(force_calibration)
             prior = self.decision.force_calibrator  # the settings in force now: a resume may change them
+            kind = force_calibration_kind(force_calibration)
+            if not isinstance(prior, FORCE_CALIBRATIONS[kind]):
+                raise FlytuneError(
+                    f"the checkpoint's force calibration is {kind!r}, the config's is not: set [uncertainty] "
+                    f"force_calibration = {kind!r} to resume this run, or start a new run")
+            restored = type(prior).from_state_dict(force_calibration)
             restored.shape, restored.rate, restored.discount = prior.shape, prior.rate, prior.discount
             self.decision.force_calibrator = restored
         restored = restore_results(state.get("cache"), atoms)  # a script's calculator has no Atoms yet

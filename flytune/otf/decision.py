@@ -12,8 +12,10 @@ or, where the error expected there is μ ≠ 0 (a label's residual carried as a 
 
 and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). With
 ``criterion = "forces"`` the probability is P(max_a |ΔF_a| > ε_F) from the per-atom force
-stds, under a force calibration of its own (:func:`flytune.bayes.calibration.prob_force_within`,
-one standardised squared force error per call, :func:`~flytune.bayes.calibration.force_z2`);
+stds, under a force calibration of its own (:func:`flytune.bayes.calibration.prob_force_within`:
+one standardised squared force error per call, :func:`~flytune.bayes.calibration.force_z2`; or
+``force_calibration = "largest_atom"``, the largest atom error of each call,
+:class:`~flytune.bayes.calibration.LargestAtomCalibrator`);
 with ``"both"``, either probability above the level calls. In order:
 
 1. the first structure of a run is always labelled (it sets the energy offset);
@@ -54,7 +56,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from ase.geometry import find_mic
 
-from flytune.bayes.calibration import Calibrator, force_z2
+from flytune.bayes.calibration import Calibrator, LargestAtomCalibrator
 from flytune.bayes.ensemble import combine
 from flytune.config import SafetyConfig
 
@@ -327,7 +329,8 @@ class Decision:
 
     def __init__(self, calibrator: Calibrator, threshold_eV: float, confidence: float,
                  safety: SafetyConfig | None = None, checks: int = 0, *, criterion: str = "energy",
-                 force_threshold_eV_A: float | None = None, force_calibrator: Calibrator | None = None,
+                 force_threshold_eV_A: float | None = None,
+                 force_calibrator: Calibrator | LargestAtomCalibrator | None = None,
                  trigger: str = "probability", spread_threshold_eV: float | None = None,
                  force_deviation_threshold_eV_A: float | None = None):
         if not threshold_eV > 0:
@@ -441,10 +444,11 @@ class Decision:
 
     def observe_forces(self, errors, variances) -> None:
         """Record the force errors ΔF (A, 3) of a labelled structure (eV/Å) and the force
-        variances (eV²/Å²) predicted there before the update, as one z²
-        (:func:`~flytune.bayes.calibration.force_z2`); nothing without a force calibration."""
+        variances (eV²/Å²) predicted there before the update in the force calibration (one
+        z², :func:`~flytune.bayes.calibration.force_z2`, or the largest atom error,
+        :class:`~flytune.bayes.calibration.LargestAtomCalibrator`); nothing without one."""
         if self.force_calibrator is not None:
-            self.force_calibrator.observe_z2(force_z2(errors, variances))
+            self.force_calibrator.observe_forces(errors, variances)
 
     def calibrated_sigma(self, sigma: float) -> float:
         """The scale σ·sqrt(b'/a') of the predictive error (eV)."""

@@ -163,8 +163,7 @@ def summarize(rd: RunDirectory, calc: OnTheFlyCalculator, md_steps: int, simulat
         "trigger": calc.decision.trigger,
         "force_threshold_eV_A": calc.decision.force_threshold_eV_A,
         "force_exceed_fraction": force_exceed_fraction(interventions, calc.decision.force_threshold_eV_A),
-        "force_calibration": None if (fc := calc.decision.force_calibrator) is None else
-        {"shape": fc.posterior_shape, "rate": fc.posterior_rate, "n": fc.n},
+        "force_calibration": None if (fc := calc.decision.force_calibrator) is None else fc.summary(),
         "time_md_s": max(wall_s - st.time_reference_wall_s - st.time_update_s, 0.0),
         "time_reference_s": st.time_reference_s,
         "time_reference_wall_s": st.time_reference_wall_s,
