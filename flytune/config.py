@@ -135,11 +135,11 @@ class UncertaintyConfig(_Strict):
         "'forces' or 'both', and scores the force errors at calls whatever the criterion",
     )
     force_threshold_unit: Literal["eV/A", "kcal/mol/A"] = "eV/A"
-    force_calibration: Literal["components", "largest_atom"] = Field(
-        "components", description="what the force calibration fits at each call: components, the mean "
-        "standardised squared error over the structure's force components; largest_atom, the largest atom "
-        "force error, the statistic the force criterion thresholds (errors concentrated on a few atoms; "
-        "docs/method.md §6)",
+    force_calibration: Literal["largest_atom", "components"] = Field(
+        "largest_atom", description="what the force calibration fits at each call: largest_atom, the ratio of "
+        "the largest atom force error to the one predicted, its location and spread (the statistic the force "
+        "criterion thresholds); components, one factor on all predicted force variances from the mean "
+        "standardised squared error (misses errors concentrated on a few atoms: docs/method.md §6)",
     )
     trigger: Literal["probability", "spread", "force_deviation"] = Field(
         "probability", description="probability: the calibrated rule (the method); baselines for comparison, "

@@ -54,8 +54,8 @@ calibration_discount = 1.0     # γ < 1: the error seen k calls ago weighs γ^k 
 criterion = "energy"           # energy | forces | both: which P(error > threshold) decides a call
 # force_threshold = 1.0        # ε_F, the largest tolerated error of one atom's force (forces, both)
 # force_threshold_unit = "kcal/mol/A"   # or "eV/A"
-# force_calibration = "components"      # or "largest_atom": fit the force calibration to each call's largest
-                                        # atom error, the statistic ε_F bounds (docs/method.md §6)
+# force_calibration = "largest_atom"    # calibrate each call's largest atom error, the statistic ε_F bounds;
+                                        # "components": one factor on all force variances (docs/method.md §6)
 trigger = "probability"        # the method; baselines for comparison: "spread" (σ > spread_fraction·ε),
                                # "force_deviation" (max per-atom force deviation > force_deviation_threshold)
 

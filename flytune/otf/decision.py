@@ -12,10 +12,10 @@ or, where the error expected there is μ ≠ 0 (a label's residual carried as a 
 
 and the reference is called when P(|e| > ε) > 1 − confidence (default 5 %). With
 ``criterion = "forces"`` the probability is P(max_a |ΔF_a| > ε_F) from the per-atom force
-stds, under a force calibration of its own (:func:`flytune.bayes.calibration.prob_force_within`:
-one standardised squared force error per call, :func:`~flytune.bayes.calibration.force_z2`; or
-``force_calibration = "largest_atom"``, the largest atom error of each call,
-:class:`~flytune.bayes.calibration.LargestAtomCalibrator`);
+stds, under a force calibration of its own (by default the largest atom error of each call,
+:class:`~flytune.bayes.calibration.LargestAtomCalibrator`; ``force_calibration = "components"``:
+one standardised squared force error per call, :func:`~flytune.bayes.calibration.force_z2`,
+and :func:`flytune.bayes.calibration.prob_force_within`);
 with ``"both"``, either probability above the level calls. In order:
 
 1. the first structure of a run is always labelled (it sets the energy offset);
@@ -320,8 +320,8 @@ class Decision:
 
     ``threshold_eV`` ε and σ are in eV; ``confidence`` c calls when P(|e| > ε) > 1 − c.
     ``criterion`` (``"energy"``, ``"forces"``, ``"both"``) says which probability decides;
-    ``force_threshold_eV_A`` ε_F and ``force_calibrator`` (its own Gamma state, default
-    the energy calibration's prior) serve the force probability, which is computed, and
+    ``force_threshold_eV_A`` ε_F and ``force_calibrator`` (its own state, default a
+    :class:`~flytune.bayes.calibration.LargestAtomCalibrator` with the energy calibration's prior) serve the force probability, which is computed, and
     the force calibration fed, whenever ε_F is given. ``trigger`` selects the method's
     probability (default) or a baseline (see the module docstring), with its threshold
     ``spread_threshold_eV`` (σ, eV) or ``force_deviation_threshold_eV_A`` (eV/Å).
@@ -349,7 +349,7 @@ class Decision:
         self.criterion = criterion
         self.force_threshold_eV_A = None if force_threshold_eV_A is None else float(force_threshold_eV_A)
         if force_calibrator is None and self.force_threshold_eV_A is not None:
-            force_calibrator = Calibrator(calibrator.shape, calibrator.rate, discount=calibrator.discount)
+            force_calibrator = LargestAtomCalibrator(calibrator.shape, calibrator.rate, discount=calibrator.discount)
         self.force_calibrator = force_calibrator
         thresholds = {"probability": 1.0, "spread": spread_threshold_eV, "force_deviation": force_deviation_threshold_eV_A}
         if trigger not in thresholds:
