@@ -22,14 +22,15 @@ fires, so updates come after critical errors or 16 waiting labels):
 - ``both`` (``--arms both``): either rule calls.
 
 ``--chains`` sets the number of chains (default 2), ``--force-calibration`` the force
-calibration (``components``, the default, or ``largest_atom``).
+calibration (``components``, the default here so that the entries measured before
+2026-12-08 keep their names, or ``largest_atom``, flytune's default since).
 
 Both arms score the force errors at their calls (``force_exceed_fraction``) beside the
 energy errors (``exceed_fraction``), and every frame without a call against the DFT label:
 the fraction with |e| > ε, the fraction with max_a |ΔF_a| > ε_F, and the force RMSE. Each
 arm keeps a run directory in ``benchmarks/runs/force_criterion_wbe_<entry>/``
 and a record of its frames there; a stopped arm resumes from its checkpoint. Results:
-``results/force_criterion_wbe.json`` under ``<foundation>_<arm>[_eta<η>]``.
+``results/force_criterion_wbe.json`` under ``<foundation>_<arm>[_eta<η>][_chains<n>][_largest_atom]``.
 
     .venv/bin/python benchmarks/force_criterion_wbe.py --eta-max 3e-4 [--arms forces,energy,both] [--so-far]
 """

@@ -321,8 +321,9 @@ class Decision:
     ``threshold_eV`` ε and σ are in eV; ``confidence`` c calls when P(|e| > ε) > 1 − c.
     ``criterion`` (``"energy"``, ``"forces"``, ``"both"``) says which probability decides;
     ``force_threshold_eV_A`` ε_F and ``force_calibrator`` (its own state, default a
-    :class:`~flytune.bayes.calibration.LargestAtomCalibrator` with the energy calibration's prior) serve the force probability, which is computed, and
-    the force calibration fed, whenever ε_F is given. ``trigger`` selects the method's
+    :class:`~flytune.bayes.calibration.LargestAtomCalibrator` with the energy calibration's
+    prior) serve the force probability, which is computed, and the force calibration fed,
+    whenever ε_F is given. ``trigger`` selects the method's
     probability (default) or a baseline (see the module docstring), with its threshold
     ``spread_threshold_eV`` (σ, eV) or ``force_deviation_threshold_eV_A`` (eV/Å).
     """
@@ -349,7 +350,8 @@ class Decision:
         self.criterion = criterion
         self.force_threshold_eV_A = None if force_threshold_eV_A is None else float(force_threshold_eV_A)
         if force_calibrator is None and self.force_threshold_eV_A is not None:
-            force_calibrator = LargestAtomCalibrator(calibrator.shape, calibrator.rate, discount=calibrator.discount)
+            force_calibrator = LargestAtomCalibrator(calibrator.shape, calibrator.rate,
+                                                     discount=calibrator.discount)
         self.force_calibrator = force_calibrator
         thresholds = {"probability": 1.0, "spread": spread_threshold_eV, "force_deviation": force_deviation_threshold_eV_A}
         if trigger not in thresholds:
