@@ -90,9 +90,7 @@ def prob_force_within(threshold, sigma_atoms, shape, rate, points: int = FORCE_Q
     if not (np.all(np.isfinite(sigma)) and np.all(sigma > 0)):
         raise ValueError("every per-atom force std must be finite and > 0")
     lam = stats.gamma.ppf((np.arange(points) + 0.5) / points, a=shape, scale=1.0 / rate)
-    x = np.outer(lam, 0.5 * float(threshold) ** 2 / sigma**2)  # (points, atoms)
-    with np.errstate(divide="ignore"):
-        log_within = np.log(special.gammainc(1.5, x)).sum(axis=1)
+    log_within = _log_gammainc_15(np.outer(lam, 0.5 * float(threshold) ** 2 / sigma**2)).sum(axis=1)
     return float(np.mean(np.exp(log_within)))
 
 
